@@ -1,0 +1,3 @@
+from mistral_deploy.cli import main
+
+main()

@@ -1,0 +1,3 @@
+"""Importing this package registers every command on the app."""
+
+from mistral_deploy.cli.commands import recipes, render, schema, validate  # noqa: F401

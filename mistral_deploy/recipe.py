@@ -1,0 +1,519 @@
+"""The recipe: a declarative description of one deployment, validated into typed models.
+
+Shape is checked by pydantic (extra keys forbidden, field paths in errors); relations between
+fields are checked in `Recipe._check_relations`. Loading a recipe from a file or a built-in name,
+and applying CLI overrides, happen in `load_recipe`, which turns every problem into a one-line
+`RecipeError` naming the file, the field path (or the flag) and what is expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mistral_deploy import resources_dir
+from mistral_deploy.errors import RecipeError
+
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
+DEFAULT_RECIPE = "mistral-7b-instruct"
+LOCAL_CLOUD = "local"
+BUILTIN_MODEL_PREFIX = "builtin:"
+
+_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,33}[a-z0-9])?$")
+_GPU_RE = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9._-]*)(:(?P<count>[0-9]+))?$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DURATION_RE = re.compile(r"^(?P<n>[0-9]+)\s*(?P<unit>s|m|h|d)?$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# Names that hold secrets travel as SkyPilot `secrets:`, never as plain `engine.env` values.
+_SECRET_ENV_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|PRIVATE_KEY)", re.IGNORECASE)
+
+
+def parse_duration(value: object) -> object:
+    """'90s', '30m', '4h', '1d' or a bare number of seconds -> seconds."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value.strip())
+        if match:
+            return int(match["n"]) * _DURATION_UNITS[match["unit"]]
+    raise ValueError("expected a duration such as 90s, 30m, 4h or 1d (a bare number means seconds)")
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class GpuRequest(_Spec):
+    """One accelerator choice, written `NAME:COUNT` in YAML."""
+
+    name: str
+    count: int = Field(1, ge=1, le=16)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.count}"
+
+
+def _parse_gpus(value: object) -> object:
+    items = value if isinstance(value, list) else [value]
+    if value is None or items == []:
+        return []
+    parsed = []
+    for item in items:
+        if isinstance(item, dict):
+            parsed.append(item)
+            continue
+        match = _GPU_RE.match(str(item).strip())
+        if not match:
+            raise ValueError(f"expected NAME:COUNT such as A10G:1 or H100:8, got {item!r}")
+        parsed.append({"name": match["name"], "count": int(match["count"] or 1)})
+    return parsed
+
+
+class Architecture(_Spec):
+    """What the fit check needs to know about a model it has no table entry for."""
+
+    params_b: float = Field(gt=0, description="total parameters, in billions")
+    layers: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+
+
+class ModelSpec(_Spec):
+    id: str = Field(description="Hugging Face id, local path, or builtin:tiny-mistral")
+    revision: Optional[str] = None
+    served_name: Optional[str] = Field(None, description="model id clients use; defaults to the recipe name")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Optional[Literal["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors"]] = None
+    max_model_len: Optional[int] = Field(None, ge=16)
+    hf_token: bool = Field(False, description="the model is gated: pass HF_TOKEN as a secret at launch")
+    task: Literal["generate", "embed"] = "generate"
+    vllm_args: list[str] = Field(default_factory=list, description="extra vLLM engine arguments")
+    architecture: Optional[Architecture] = None
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _no_owned_args(cls, args: list[str]) -> list[str]:
+        owned = {"--host", "--port", "--api-key", "--model", "--served-model-name", "--tensor-parallel-size"}
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in owned:
+                raise ValueError(f"{flag} is set by mistral-deploy; use the recipe field instead")
+        return args
+
+
+class EngineSpec(_Spec):
+    image: str = DEFAULT_VLLM_IMAGE
+    port: int = Field(8000, ge=1024, le=65535)
+    gpu_memory_utilization: float = Field(0.9, gt=0.1, le=0.98)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, image: str) -> str:
+        name, _, tag = image.rpartition(":")
+        if "@sha256:" in image:
+            return image
+        if not name or "/" in tag or tag in {"", "latest", "nightly"}:
+            raise ValueError(f"expected an image pinned to a released tag such as {DEFAULT_VLLM_IMAGE}, got {image!r}")
+        return image
+
+    @field_validator("env")
+    @classmethod
+    def _plain_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not _ENV_NAME_RE.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if _SECRET_ENV_RE.search(key):
+                raise ValueError(
+                    f"{key} looks like a secret; secrets are never stored in recipes "
+                    "(use model.hf_token: true for HF_TOKEN)"
+                )
+        return env
+
+
+class ResourcesSpec(_Spec):
+    cloud: Optional[str] = Field(None, description="aws, gcp, azure, kubernetes, ... or local")
+    region: Optional[str] = None
+    gpu: Annotated[list[GpuRequest], BeforeValidator(_parse_gpus)] = Field(
+        default_factory=list, description="NAME:COUNT, or a list of candidates in order of preference"
+    )
+    spot: bool = False
+    spot_fallback: bool = Field(True, description="fall back to on-demand when spot is unavailable")
+    disk_size: int = Field(256, ge=50, le=4096, description="GB")
+    tensor_parallel: Optional[int] = Field(None, ge=1, le=16)
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_name(cls, cloud: Optional[str]) -> Optional[str]:
+        if cloud is not None and not re.match(r"^[a-z][a-z0-9-]*$", cloud):
+            raise ValueError(f"expected a lower-case cloud name such as aws, gcp, azure or local, got {cloud!r}")
+        return cloud
+
+
+def _parse_cidrs(value: object) -> object:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"expected CIDRs such as 10.0.0.0/8 or 203.0.113.7/32, got {item!r}") from None
+    return out
+
+
+class NetworkSpec(_Spec):
+    mode: Literal["public", "private", "vpc"] = "public"
+    allow: Annotated[list[str], BeforeValidator(_parse_cidrs)] = Field(
+        default_factory=lambda: ["0.0.0.0/0", "::/0"], description="source CIDRs the gateway admits"
+    )
+    port: int = Field(8443, ge=1, le=65535, description="the gateway port, the only one that listens")
+    tls: Optional[bool] = Field(None, description="default: on for public endpoints")
+    vpc_name: Optional[str] = None
+    max_body_size: str = Field("4m", pattern=r"^[0-9]+[kKmM]?$")
+
+
+class AuthSpec(_Spec):
+    enabled: bool = True
+    keys: int = Field(1, ge=1, le=16, description="API keys generated at launch")
+
+
+class HealthSpec(_Spec):
+    readiness_timeout: Duration = Field(1800, description="how long `up` waits for the endpoint")
+    probe_interval: float = Field(1.0, gt=0, le=60, description="seconds between readiness probes")
+    probe_timeout: float = Field(30.0, gt=0, le=600, description="seconds one probe may take")
+
+
+class LifetimeSpec(_Spec):
+    ttl: Optional[Duration] = Field(None, description="tear down after this long (SkyPilot autostop, down)")
+
+
+class ReplicasSpec(_Spec):
+    min: int = Field(1, ge=0, le=100)
+    max: Optional[int] = Field(None, ge=1, le=100)
+    target_qps: Optional[float] = Field(None, gt=0, description="per replica, for autoscaling")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"min": value}
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReplicasSpec":
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        if self.max is not None and self.max > self.min and self.target_qps is None:
+            raise ValueError("autoscaling between min and max needs target_qps")
+        return self
+
+
+class Recipe(_Spec):
+    name: str = Field(description="deployment name: lower-case letters, digits and dashes")
+    description: Optional[str] = None
+    model: ModelSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
+    lifetime: LifetimeSpec = Field(default_factory=LifetimeSpec)
+    replicas: Optional[ReplicasSpec] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise ValueError(
+                f"expected 1-35 lower-case letters, digits or dashes, starting with a letter, got {name!r}"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> "Recipe":
+        res, net = self.resources, self.network
+        if net.mode == "public" and not self.auth.enabled:
+            raise ValueError("auth.enabled: a public endpoint must require API keys; use network.mode: private")
+        if self.engine.port == net.port:
+            raise ValueError(f"engine.port: must differ from network.port ({net.port})")
+        if res.tensor_parallel and res.gpu:
+            for gpu in res.gpu:
+                if gpu.count % res.tensor_parallel:
+                    raise ValueError(
+                        f"resources.tensor_parallel: {res.tensor_parallel} must divide the GPU count of {gpu}"
+                    )
+        if self.replicas is not None:
+            if res.cloud == LOCAL_CLOUD:
+                raise ValueError("replicas: the local backend runs one replica; remove replicas or pick a cloud")
+            if net.mode != "public":
+                raise ValueError("replicas: a SkyServe service needs network.mode: public")
+        if net.mode == "vpc" and net.tls is None:
+            pass  # inside a VPC, TLS stays opt-in
+        return self
+
+    # Derived values, so that nothing downstream re-implements the defaults.
+    @property
+    def served_model_name(self) -> str:
+        return self.model.served_name or self.name
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.network.tls if self.network.tls is not None else self.network.mode == "public"
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        if self.resources.tensor_parallel:
+            return self.resources.tensor_parallel
+        return self.resources.gpu[0].count if self.resources.gpu else 1
+
+    @property
+    def is_local(self) -> bool:
+        return self.resources.cloud == LOCAL_CLOUD
+
+    @property
+    def builtin_model(self) -> Optional[str]:
+        if self.model.id.startswith(BUILTIN_MODEL_PREFIX):
+            return self.model.id[len(BUILTIN_MODEL_PREFIX):]
+        return None
+
+    def to_yaml_config(self) -> dict[str, Any]:
+        """The recipe as YAML data, with only the fields that were set (round-trips through load)."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Overrides:
+    """CLI flags that override recipe fields; None means 'not given'."""
+
+    cloud: Optional[str] = None
+    gpu: Optional[str] = None
+    region: Optional[str] = None
+    model: Optional[str] = None
+    name: Optional[str] = None
+    spot: Optional[bool] = None
+    network: Optional[str] = None
+    allow: Optional[list[str]] = None
+    ttl: Optional[str] = None
+    port: Optional[int] = None
+
+    # field path in the recipe for each flag, so errors can name the flag the user typed
+    FLAGS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "cloud": ("resources", "cloud"),
+        "gpu": ("resources", "gpu"),
+        "region": ("resources", "region"),
+        "model": ("model", "id"),
+        "name": ("name",),
+        "spot": ("resources", "spot"),
+        "network": ("network", "mode"),
+        "allow": ("network", "allow"),
+        "ttl": ("lifetime", "ttl"),
+        "port": ("network", "port"),
+    }
+
+    def given(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FLAGS if getattr(self, k) not in (None, [])}
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    source: str  # what errors call the recipe: a path, or "built-in recipe NAME"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def builtin_recipes_dir() -> Path:
+    return resources_dir("recipes")
+
+
+def builtin_recipe_names() -> list[str]:
+    return sorted(p.stem for p in builtin_recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe_path(ref: str) -> tuple[Path, str]:
+    """A built-in recipe name or a path to a YAML file -> (path, name used in messages)."""
+    path = Path(ref).expanduser()
+    looks_like_path = path.suffix in {".yaml", ".yml"} or "/" in ref or path.exists()
+    if not looks_like_path:
+        builtin = builtin_recipes_dir() / f"{ref}.yaml"
+        if builtin.is_file():
+            return builtin, f"built-in recipe {ref}"
+        names = builtin_recipe_names()
+        close = difflib.get_close_matches(ref, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(f"{ref}: no built-in recipe or file of that name; {hint}built-ins: {', '.join(names)}")
+    if not path.is_file():
+        raise RecipeError(f"{ref}: recipe file not found")
+    return path, str(ref)
+
+
+def read_recipe_data(path: Path, source: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{source}: cannot read the recipe: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{source}{where}: YAML syntax error: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a YAML mapping with at least name: and model:, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    data = _deep_copy(data)
+    given = overrides.given()
+    for flag, value in given.items():
+        path = Overrides.FLAGS[flag]
+        node = data
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        node[path[-1]] = value
+    resources = data.get("resources") if isinstance(data.get("resources"), dict) else None
+    if "cloud" in given and "region" not in given and resources is not None:
+        # a region from the recipe belongs to the recipe's cloud, not the one on the command line
+        resources.pop("region", None)
+    if "model" in given and isinstance(data.get("model"), dict):
+        # the recipe's served name and architecture describe the recipe's model, not this one
+        data["model"].pop("architecture", None)
+        data["model"].pop("served_name", None)
+    return data
+
+
+def load_recipe(ref: str, overrides: Optional[Overrides] = None) -> LoadedRecipe:
+    path, source = resolve_recipe_path(ref)
+    raw = read_recipe_data(path, source)
+    return validate_recipe_data(raw, source, overrides or Overrides())
+
+
+def validate_recipe_data(raw: dict[str, Any], source: str, overrides: Optional[Overrides] = None) -> LoadedRecipe:
+    overrides = overrides or Overrides()
+    data = apply_overrides(raw, overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source, overrides)) from None
+    return LoadedRecipe(recipe=recipe, source=source, raw=raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages
+
+
+def format_validation_error(exc: ValidationError, source: str, overrides: Overrides) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    where = _location(loc, overrides)
+    message = _describe(first, loc)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {where}: {message}{more}"
+
+
+def _location(loc: tuple[Any, ...], overrides: Overrides) -> str:
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    given = overrides.given()
+    for flag, path in Overrides.FLAGS.items():
+        if flag in given and tuple(str(p) for p in loc[: len(path)]) == path:
+            return f"--{flag} ({dotted})"
+    return dotted
+
+
+def _describe(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        suggestion = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown field; {suggestion}expected one of: {', '.join(known)}"
+    if kind == "missing":
+        return "required field is missing"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    value = error.get("input")
+    if kind not in {"value_error", "assertion_error"} and isinstance(value, (str, int, float)) and not _is_env(loc):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        message = f"{message}, got {shown}"
+    return message
+
+
+def _is_env(loc: tuple[Any, ...]) -> bool:
+    return len(loc) >= 2 and loc[0] == "engine" and loc[1] == "env"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if info is None:
+            return []
+        model = _model_of(info.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _model_of(annotation: Any) -> Any:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        for inner in typing.get_args(candidate):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mistral-deploy recipe"
+    return schema

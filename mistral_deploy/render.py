@@ -1,0 +1,240 @@
+"""Recipe -> SkyPilot task (or SkyServe service): pure and deterministic.
+
+No clock, no randomness, no environment, no network, no `sky` import: the same recipe always renders
+the same YAML, which golden files under tests/golden pin. Secrets appear only as `secrets:` entries with
+null values, supplied at launch.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from typing import Any, Optional
+
+import yaml
+
+from mistral_deploy.errors import RecipeError
+from mistral_deploy.gateway import GatewayLayout, listen_host_for, render_gateway_config
+from mistral_deploy.recipe import Recipe
+from mistral_deploy.templates import render_template, template_text
+
+GATEWAY_IMAGE = "nginx:1.28.0-alpine"
+API_KEYS_SECRET = "MISTRAL_DEPLOY_API_KEYS"
+HF_TOKEN_SECRET = "HF_TOKEN"
+# The engine listens on this port inside its container; the host publishes it on 127.0.0.1 only.
+ENGINE_CONTAINER_PORT = 8000
+# On the VM: the gateway's files, mounted read-only into the nginx container at VM_GATEWAY_DIR.
+VM_STATE_DIR = "$HOME/.mistral-deploy"
+VM_GATEWAY_DIR = "/etc/mistral-deploy"
+
+
+def engine_args(recipe: Recipe, *, model: str, host: str, port: int) -> list[str]:
+    """The vLLM server's arguments, shared by the local backend and the VM. Never a secret."""
+    m = recipe.model
+    args = [
+        "--model", model,
+        "--served-model-name", recipe.served_model_name,
+        "--host", host,
+        "--port", str(port),
+    ]
+    if m.revision:
+        args += ["--revision", m.revision]
+    if m.dtype != "auto":
+        args += ["--dtype", m.dtype]
+    if m.quantization:
+        args += ["--quantization", m.quantization]
+    if m.max_model_len:
+        args += ["--max-model-len", str(m.max_model_len)]
+    if recipe.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(recipe.tensor_parallel_size)]
+    if not recipe.is_local:
+        args += ["--gpu-memory-utilization", str(recipe.engine.gpu_memory_utilization)]
+    if m.task == "embed":
+        args += ["--runner", "pooling"]
+    args += list(m.vllm_args)
+    return args
+
+
+def vm_gateway_layout(recipe: Recipe) -> GatewayLayout:
+    tls = recipe.tls_enabled
+    return GatewayLayout(
+        listen_host=listen_host_for(recipe.network.mode),
+        port=recipe.network.port,
+        engine_host="127.0.0.1",
+        engine_port=recipe.engine.port,
+        keys_file=f"{VM_GATEWAY_DIR}/api_keys.map",
+        pid_file="/tmp/nginx.pid",
+        error_log="/dev/stderr",
+        access_log="/dev/stdout",
+        temp_dir="/tmp/nginx",
+        tls_cert=f"{VM_GATEWAY_DIR}/tls/cert.pem" if tls else None,
+        tls_key=f"{VM_GATEWAY_DIR}/tls/key.pem" if tls else None,
+    )
+
+
+def _resources(recipe: Recipe) -> dict[str, Any]:
+    res = recipe.resources
+    out: dict[str, Any] = {}
+    if res.cloud:
+        out["infra"] = f"{res.cloud}/{res.region}" if res.region else res.cloud
+    out["disk_size"] = res.disk_size
+    if recipe.network.mode == "public" and recipe.replicas is None:
+        out["ports"] = [recipe.network.port]
+    if recipe.lifetime.ttl:
+        # A serving job never goes idle, so the idle rule alone never fires: wait for nothing.
+        out["autostop"] = {
+            "idle_minutes": max(1, math.ceil(recipe.lifetime.ttl / 60)),
+            "down": True,
+            "wait_for": "none",
+        }
+    choices: list[dict[str, Any]] = []
+    spot_modes = [True, False] if res.spot and res.spot_fallback else [res.spot]
+    for gpu in res.gpu or [None]:
+        for spot in spot_modes:
+            choice: dict[str, Any] = {}
+            if gpu is not None:
+                choice["accelerators"] = str(gpu)
+            choice["use_spot"] = spot
+            choices.append(choice)
+    if len(choices) == 1:
+        out.update(choices[0])
+    else:
+        out["ordered"] = choices
+    return out
+
+
+def _model_source(recipe: Recipe) -> str:
+    """What the engine loads: the Hub id, or the folder a built-in model is built into on the VM."""
+    if recipe.builtin_model:
+        return f"/models/{recipe.builtin_model}"
+    return recipe.model.id
+
+
+def render_setup(recipe: Recipe) -> str:
+    return render_template(
+        "setup.sh.j2",
+        recipe=recipe,
+        state_dir=VM_STATE_DIR,
+        gateway_config=render_gateway_config(recipe, vm_gateway_layout(recipe)),
+        vllm_image=recipe.engine.image,
+        gateway_image=GATEWAY_IMAGE,
+        tls=recipe.tls_enabled,
+        builtin_model=recipe.builtin_model,
+        tiny_model_builder=template_text("build_tiny_model.py") if recipe.builtin_model else "",
+    )
+
+
+def render_run(recipe: Recipe) -> str:
+    args = engine_args(recipe, model=_model_source(recipe), host="0.0.0.0", port=ENGINE_CONTAINER_PORT)
+    return render_template(
+        "run.sh.j2",
+        recipe=recipe,
+        state_dir=VM_STATE_DIR,
+        gateway_dir=VM_GATEWAY_DIR,
+        vllm_image=recipe.engine.image,
+        gateway_image=GATEWAY_IMAGE,
+        engine_port=recipe.engine.port,
+        engine_container_port=ENGINE_CONTAINER_PORT,
+        engine_args=" ".join(shlex.quote(a) for a in args),
+        engine_env=sorted(recipe.engine.env),
+        hf_token=recipe.model.hf_token,
+        builtin_model=recipe.builtin_model,
+        vpc=recipe.network.mode == "vpc",
+        api_keys_secret=API_KEYS_SECRET,
+    )
+
+
+def _config_overrides(recipe: Recipe) -> Optional[dict[str, Any]]:
+    """Per-task SkyPilot config for vpc mode, where the cloud allows it as a task override."""
+    if recipe.network.mode != "vpc":
+        return None
+    cloud = recipe.resources.cloud
+    if cloud in ("gcp", "azure"):
+        cfg: dict[str, Any] = {"use_internal_ips": True}
+        if recipe.network.vpc_name:
+            cfg["vpc_name"] = recipe.network.vpc_name
+        return {cloud: cfg}
+    return None  # aws: global config keys, passed at launch (see cloud_config)
+
+
+def cloud_config(recipe: Recipe) -> dict[str, Any]:
+    """SkyPilot global config keys this recipe needs at launch (AWS VPC settings are not per-task)."""
+    if recipe.network.mode == "vpc" and recipe.resources.cloud == "aws":
+        cfg: dict[str, Any] = {"use_internal_ips": True}
+        if recipe.network.vpc_name:
+            cfg["vpc_names"] = [recipe.network.vpc_name]
+        return {"aws": cfg}
+    return {}
+
+
+def _service(recipe: Recipe) -> dict[str, Any]:
+    assert recipe.replicas is not None
+    reps = recipe.replicas
+    service: dict[str, Any] = {
+        "readiness_probe": {
+            "path": "/v1/completions" if recipe.model.task == "generate" else "/v1/embeddings",
+            "post_data": (
+                {"model": recipe.served_model_name, "prompt": "ping", "max_tokens": 1}
+                if recipe.model.task == "generate"
+                else {"model": recipe.served_model_name, "input": "ping"}
+            ),
+            "initial_delay_seconds": int(recipe.health.readiness_timeout),
+            "timeout_seconds": int(recipe.health.probe_timeout),
+            # the value comes from the API key secret at launch, never from this file
+            "headers": {"Authorization": f"Bearer ${{{API_KEYS_SECRET}}}"},
+        },
+        "ports": recipe.network.port,
+    }
+    if reps.max is None or reps.max == reps.min:
+        service["replicas"] = reps.min
+    else:
+        policy: dict[str, Any] = {"min_replicas": reps.min, "max_replicas": reps.max}
+        if reps.target_qps is not None:
+            policy["target_qps_per_replica"] = reps.target_qps
+        if recipe.resources.spot and recipe.resources.spot_fallback:
+            policy["base_ondemand_fallback_replicas"] = 1
+        service["replica_policy"] = policy
+    if recipe.tls_enabled:
+        service["tls"] = {"keyfile": "~/.mistral-deploy/service-tls/key.pem",
+                          "certfile": "~/.mistral-deploy/service-tls/cert.pem"}
+    return service
+
+
+def render_task(recipe: Recipe) -> dict[str, Any]:
+    """The SkyPilot task config for a recipe; with `replicas:` it carries a `service:` section."""
+    if recipe.is_local:
+        raise RecipeError(
+            "resources.cloud: 'local' runs without SkyPilot and renders no task; "
+            "use `mistral-deploy up --cloud local`, or render for a cloud (--cloud aws)"
+        )
+    task: dict[str, Any] = {"name": recipe.name, "resources": _resources(recipe)}
+    if recipe.engine.env:
+        task["envs"] = dict(sorted(recipe.engine.env.items()))
+    secrets: dict[str, None] = {API_KEYS_SECRET: None}
+    if recipe.model.hf_token:
+        secrets[HF_TOKEN_SECRET] = None
+    task["secrets"] = secrets
+    config = _config_overrides(recipe)
+    if config:
+        task["config"] = config
+    if recipe.replicas is not None:
+        task["service"] = _service(recipe)
+    task["setup"] = render_setup(recipe)
+    task["run"] = render_run(recipe)
+    return task
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)

@@ -55,8 +55,9 @@ def routes_for(recipe: Recipe) -> tuple[str, ...]:
     return ROUTES[recipe.model.task]
 
 
-def render_gateway_config(recipe: Recipe, layout: GatewayLayout) -> str:
-    tls = recipe.tls_enabled
+def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optional[bool] = None) -> str:
+    """tls: override the recipe's TLS setting (a SkyServe replica speaks plain HTTP to the load balancer)."""
+    tls = recipe.tls_enabled if tls is None else tls
     if tls and not (layout.tls_cert and layout.tls_key):
         raise ValueError("TLS is on but the layout has no certificate")
     return render_template(

@@ -1,0 +1,672 @@
+"""Cloud backends: one SkyPilot cluster per deployment (`cloud`), or a SkyServe service (`serve`).
+
+Both follow the local backend's contract (backends.Backend): the record is reserved before anything is
+created, so Ctrl-C or a crash leaves a deployment that `down` can clean; `up` returns only once the
+same readiness probe as locally (an authenticated one-token completion) succeeds against the endpoint.
+
+Every SkyPilot call goes through skysdk.SkySdk; this module holds the logic only.
+
+How each network mode is reached from here:
+  public   the gateway port opened by SkyPilot (`sky.endpoints`), TLS pinned to the VM's certificate
+  private  nothing opened; an SSH tunnel (SkyPilot's SSH access) to 127.0.0.1 on the VM
+  vpc      the cluster's private address (only from inside the VPC)
+
+The VM's TLS certificate is made on the VM by the setup script (its private key never leaves the VM);
+`up` reads the certificate (a public file) over SkyPilot's SSH access once setup is done and stores it
+as the CA clients pin.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
+
+from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
+from mistral_deploy.keys import generate_api_key, generate_tls, write_private
+from mistral_deploy.render import (
+    API_KEYS_SECRET,
+    HF_TOKEN_SECRET,
+    PROBE_KEY_SECRET,
+    VM_STATE_DIR,
+    cloud_config,
+    render_task,
+    vm_gateway_tls,
+)
+from mistral_deploy.skysdk import ClusterInfo, ServiceInfo, SkySdk, Tunnel, free_port, get_sdk
+from mistral_deploy.state import Deployment
+
+if TYPE_CHECKING:
+    from mistral_deploy.progress import Progress
+    from mistral_deploy.recipe import Recipe
+    from mistral_deploy.state import StateStore
+
+NAME_PREFIX = "md-"  # SkyPilot cluster and service names: md-<deployment>
+# The certificate the setup script makes on the VM (setup.sh.j2); public, unlike the key beside it.
+VM_CERT_PATH = VM_STATE_DIR.replace("$HOME", "~") + "/gateway/tls/cert.pem"
+CA_FILE = "tls/ca.pem"  # under the deployment's folder
+LOG_TAIL_LINES = 40
+_PHASE_RE = re.compile(r"mistral-deploy: phase ([a-z][a-z-]*)")
+# Phases the run script reaches only once setup (image pulls, TLS certificate) is done.
+_RUN_PHASES = ("engine-start", "weights")
+# SkyServe replica states -> our phases.
+_REPLICA_PHASES = {"PENDING": "provisioning", "PROVISIONING": "provisioning", "STARTING": "engine-start",
+                   "READY": "ready"}
+_SERVICE_FAILED = {"FAILED", "FAILED_CLEANUP", "CONTROLLER_FAILED", "NO_REPLICA", "SHUTTING_DOWN"}
+_REPLICA_FAILED = {"FAILED", "FAILED_PROBING", "FAILED_PROVISION", "FAILED_INITIAL_DELAY", "FAILED_CLEANUP",
+                   "FAILED_SETUP"}
+
+
+def resource_name(deployment_name: str) -> str:
+    return NAME_PREFIX + deployment_name
+
+
+def launch_secrets(recipe: "Recipe") -> dict[str, str]:
+    """Secrets other than the API keys: the Hugging Face token, from the user's environment."""
+    if not recipe.model.hf_token:
+        return {}
+    token = os.environ.get(HF_TOKEN_SECRET, "").strip()
+    if not token:
+        raise MistralDeployError(
+            f"{recipe.model.id} is gated on the Hugging Face Hub (model.hf_token: true) and HF_TOKEN is not set",
+            hint="export HF_TOKEN=hf_... (a token with access to the model); it travels as a SkyPilot secret",
+        )
+    return {HF_TOKEN_SECRET: token}
+
+
+def _scheme(tls: bool) -> str:
+    return "https" if tls else "http"
+
+
+def _recipe_of(deployment: Deployment) -> "Recipe":
+    from mistral_deploy.recipe import Recipe
+
+    return Recipe.model_validate(deployment.recipe)
+
+
+class _JobLog:
+    """The job's log, followed in a thread: phases from our scripts' markers, and the last lines."""
+
+    def __init__(self, on_phase: Callable[[str, str], None]) -> None:
+        self._on_phase = on_phase
+        self.lines: deque[str] = deque(maxlen=400)
+        self.phases: list[str] = []
+        self.ended = threading.Event()  # the job's log ended: setup failed, or the run script exited
+        self.failed: Optional[BaseException] = None  # following broke (the job may still run)
+        self.stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def feed(self, line: str) -> None:
+        self.lines.append(line)
+        match = _PHASE_RE.search(line)
+        if match:
+            phase = match.group(1)
+            with self._changed:
+                self.phases.append(phase)
+                self._changed.notify_all()
+            self._on_phase(phase, "")
+
+    def follow(self, lines: Iterator[str]) -> None:
+        def run() -> None:
+            try:
+                for line in lines:
+                    self.feed(line)
+                    if self.stop.is_set():
+                        return
+                self.ended.set()
+            except BaseException as exc:  # noqa: BLE001 - reported through `failed`
+                self.failed = exc
+            finally:
+                with self._changed:
+                    self._changed.notify_all()
+
+        self._thread = threading.Thread(target=run, name="job-log", daemon=True)
+        self._thread.start()
+
+    def wait_for(self, phases: tuple[str, ...], deadline: float) -> bool:
+        """Until one of `phases` was seen (True), or the log ended or the deadline passed (False)."""
+        with self._changed:
+            while True:
+                if any(p in self.phases for p in phases):
+                    return True
+                if self.ended.is_set() or self.failed is not None:
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 1.0))
+
+    def alive(self) -> bool:
+        return not self.ended.is_set()
+
+    def tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(list(self.lines)[-n:])
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+
+class _CloudBase:
+    kind = "cloud"
+
+    def __init__(self, sdk: Optional[SkySdk] = None) -> None:
+        self._sdk = sdk
+
+    @property
+    def sdk(self) -> SkySdk:
+        return self._sdk if self._sdk is not None else get_sdk()
+
+    def _reserve(self, recipe: "Recipe", store: "StateStore", details: dict[str, Any]) -> Deployment:
+        deployment = Deployment(name=recipe.name, backend=self.kind, recipe=recipe.to_yaml_config(),
+                                details=details)
+        store.reserve(deployment)
+        return deployment
+
+    def _fail(self, deployment: Deployment, store: "StateStore", error: str) -> None:
+        deployment.phase = "failed"
+        deployment.details["error"] = error
+        try:
+            store.save(deployment)
+        except MistralDeployError:
+            pass  # removed meanwhile by a concurrent `down`
+
+    def _interrupted(self, deployment: Deployment, store: "StateStore", progress: "Progress", what: str) -> None:
+        self._fail(deployment, store, f"interrupted during {deployment.details.get('last_phase', 'up')}")
+        progress.fail(
+            f"interrupted: the {what} may exist; `mistral-deploy down {deployment.name}` removes it"
+        )
+
+    def _store_ca(self, store: "StateStore", name: str, pem: str) -> str:
+        _check_certificate(pem)
+        path = store.dir(name) / CA_FILE
+        write_private(path, pem if pem.endswith("\n") else pem + "\n")
+        os.chmod(path, 0o644)  # a certificate is public; clients read it
+        return str(path)
+
+    @staticmethod
+    def _probe(endpoint: Optional[str], ca_file: Optional[str]) -> bool:
+        if not endpoint:
+            return False
+        from mistral_deploy import probe
+
+        try:
+            return bool(probe.check_health(endpoint, ca_file=ca_file))
+        except Exception:  # noqa: BLE001 - status reports unhealthy, it does not fail
+            return False
+
+
+class CloudBackend(_CloudBase):
+    """A deployment on one SkyPilot cluster (sky.launch / status / endpoints / down / tail_logs)."""
+
+    kind = "cloud"
+
+    def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
+        from mistral_deploy.fit import check_fit
+
+        check_fit(recipe)
+        secrets = launch_secrets(recipe)  # a missing HF_TOKEN is reported before anything exists
+        task_config = render_task(recipe)
+        cluster_name = resource_name(recipe.name)
+        mode = recipe.network.mode
+        deployment = self._reserve(recipe, store, {"cluster": cluster_name, "network": mode,
+                                                   "last_phase": "provisioning"})
+        sdk = self.sdk
+        job_log: Optional[_JobLog] = None
+        tunnel: Optional[Tunnel] = None
+
+        lock = threading.Lock()  # phases come from the job-log thread and from the probe
+
+        def phase(name: str, detail: str = "") -> None:
+            with lock:
+                deployment.details["last_phase"] = name
+                progress.phase(name, detail)
+
+        try:
+            keys = [generate_api_key() for _ in range(recipe.auth.keys)]
+            store.write_api_keys(recipe.name, keys)
+            secrets[API_KEYS_SECRET] = " ".join(keys)
+            where = recipe.resources.cloud or "the cheapest enabled cloud"
+            phase("provisioning", f"{cluster_name} on {where}")
+
+            def on_sky_line(line: str) -> None:
+                if "Job submitted" in line or "Running setup" in line:
+                    if deployment.details.get("last_phase") == "provisioning":
+                        phase("setup", line)
+
+            try:
+                result = sdk.launch(task_config, cluster_name=cluster_name, secrets=secrets,
+                                    global_config=cloud_config(recipe), on_line=on_sky_line)
+            except CloudError as exc:
+                self._after_failed_launch(deployment, store, cluster_name, exc)
+                raise
+            cluster = result.cluster
+            price = sdk.hourly_price(cluster)
+            deployment.details.update(_cluster_details(cluster), job_id=result.job_id, hourly_price=price)
+            store.save(deployment)
+            if deployment.details["last_phase"] == "provisioning":
+                phase("setup", f"{cluster.instance_type or ''} in {cluster.cloud}/{cluster.region}".strip())
+
+            job_log = _JobLog(lambda name, detail: phase(name, detail))
+            job_log.follow(sdk.tail_job(cluster_name, result.job_id, follow=True, stop=job_log.stop))
+            deadline = time.monotonic() + recipe.health.readiness_timeout
+            tls = vm_gateway_tls(recipe)
+            if tls:
+                # the certificate exists once setup is done, i.e. once the run script starts
+                if not job_log.wait_for(_RUN_PHASES, deadline):
+                    raise NotReadyError(
+                        f"{recipe.name}: setup did not finish on {cluster_name}", log_tail=job_log.tail())
+                deployment.tls_ca = self._store_ca(store, recipe.name, sdk.read_head_file(cluster_name, VM_CERT_PATH))
+
+            endpoint, tunnel = self._connect(recipe, cluster, tls)
+            if mode == "private":
+                deployment.details["tunnel_port"] = tunnel.local_port if tunnel else None
+            deployment.endpoint = endpoint
+            store.save(deployment)
+
+            from mistral_deploy import probe
+
+            probe.wait_ready(
+                endpoint, keys[0], recipe.served_model_name, ca_file=deployment.tls_ca,
+                timeout=max(1.0, deadline - time.monotonic()), interval=recipe.health.probe_interval,
+                alive=job_log.alive, on_phase=lambda name: phase(name),
+            )
+            deployment.phase = "ready"
+            deployment.details["last_phase"] = "ready"
+            store.save(deployment)
+            progress.done(_ready_message(deployment))
+            return deployment
+        except NotReadyError as exc:
+            tail = exc.log_tail or (job_log.tail() if job_log else "") or self._log_tail(deployment)
+            self._fail(deployment, store, exc.message)
+            raise NotReadyError(
+                exc.message,
+                hint=f"the cluster is kept for inspection: `mistral-deploy logs {recipe.name}`; "
+                     f"`mistral-deploy down {recipe.name}` removes it",
+                log_tail=tail,
+            ) from None
+        except KeyboardInterrupt:
+            self._interrupted(deployment, store, progress, f"cluster {cluster_name}")
+            raise
+        except MistralDeployError as exc:
+            if store.dir(recipe.name).is_dir():
+                self._fail(deployment, store, exc.message)
+                if not exc.hint:
+                    exc.hint = f"`mistral-deploy down {recipe.name}` removes what was created"
+            raise
+        except BaseException as exc:
+            self._fail(deployment, store, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            if job_log is not None:
+                job_log.close()
+            if tunnel is not None:
+                tunnel.close()
+
+    def _after_failed_launch(self, deployment: Deployment, store: "StateStore", cluster_name: str,
+                             exc: CloudError) -> None:
+        """A refused launch (quota, capacity, credentials) usually leaves no cluster: then no record either."""
+        try:
+            exists = self.sdk.cluster(cluster_name) is not None
+        except CloudError:
+            exists = True  # cannot tell: keep the record so `down` can check
+        if not exists:
+            store.remove(deployment.name)
+        else:
+            self._fail(deployment, store, exc.message)
+            exc.hint = exc.hint or f"`mistral-deploy down {deployment.name}` removes the partly created cluster"
+
+    def _connect(self, recipe: "Recipe", cluster: ClusterInfo, tls: bool) -> tuple[str, Optional[Tunnel]]:
+        """The endpoint URL to probe (and, in private mode, the tunnel that carries it)."""
+        port = recipe.network.port
+        scheme = _scheme(tls)
+        mode = recipe.network.mode
+        if mode == "public":
+            return f"{scheme}://{self.sdk.endpoint(cluster.name, port)}/v1", None
+        if mode == "vpc":
+            host = cluster.internal_ip or cluster.head_ip
+            if not host:
+                raise CloudError(f"SkyPilot reports no private address for {cluster.name}")
+            return f"{scheme}://{host}:{port}/v1", None
+        tunnel = self.sdk.open_tunnel(cluster.name, remote_host="127.0.0.1", remote_port=port)
+        return f"{scheme}://127.0.0.1:{tunnel.local_port}/v1", tunnel
+
+    def open_tunnel(self, deployment: Deployment, *, local_port: Optional[int] = None) -> Tunnel:
+        """For `mistral-deploy tunnel`: a local port forwarded to a private deployment's gateway."""
+        recipe = _recipe_of(deployment)
+        if recipe.network.mode != "private":
+            raise MistralDeployError(
+                f"{deployment.name} is a {recipe.network.mode} endpoint; no tunnel is needed: {deployment.endpoint}")
+        port = local_port or deployment.details.get("tunnel_port") or free_port()
+        return self.sdk.open_tunnel(deployment.details["cluster"], remote_host="127.0.0.1",
+                                    remote_port=recipe.network.port, local_port=int(port))
+
+    def _log_tail(self, deployment: Deployment) -> str:
+        try:
+            lines = list(self.sdk.tail_job(deployment.details["cluster"], deployment.details.get("job_id"),
+                                           follow=False, lines=LOG_TAIL_LINES))
+        except (CloudError, KeyError):
+            return ""
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def down(self, deployment: Deployment, store: "StateStore", progress: "Progress") -> None:
+        cluster = deployment.details.get("cluster")
+        if cluster:
+            progress.phase("teardown", f"sky down {cluster}")
+            self.sdk.down(cluster)
+        store.remove(deployment.name)
+        progress.done(f"{deployment.name}: cluster {cluster} removed" if cluster else f"{deployment.name} removed")
+
+    def status(self, deployment: Deployment) -> dict[str, Any]:
+        details = deployment.details
+        cluster_name = details.get("cluster")
+        info: Optional[ClusterInfo] = None
+        cluster_status = "unknown"
+        try:
+            info = self.sdk.cluster(cluster_name) if cluster_name else None
+            cluster_status = info.status if info else "missing"
+        except CloudError as exc:
+            cluster_status = f"unknown ({exc.message})"
+        mode = details.get("network", "public")
+        healthy = False
+        if deployment.phase == "ready" and info is not None and info.status == "UP":
+            if mode == "private":
+                healthy = self._probe_through_tunnel(deployment)
+            else:
+                healthy = self._probe(deployment.endpoint, deployment.tls_ca)
+        ip = None
+        if info is not None:
+            ip = (info.internal_ip or info.head_ip) if mode == "vpc" else info.head_ip
+        ip = ip or details.get("internal_ip" if mode == "vpc" else "head_ip")
+        return {
+            "name": deployment.name,
+            "backend": self.kind,
+            "phase": deployment.phase,
+            "healthy": healthy,
+            "endpoint": deployment.endpoint,
+            "ip": ip,
+            "network": mode,
+            "cluster": cluster_name,
+            "cluster_status": cluster_status,
+            "cloud": details.get("cloud"),
+            "region": details.get("region"),
+            "instance_type": details.get("instance_type"),
+            "spot": details.get("use_spot"),
+            "hourly_price": details.get("hourly_price"),
+            "autostop_minutes": info.autostop_minutes if info else None,
+            "tls_ca": deployment.tls_ca,
+        }
+
+    def _probe_through_tunnel(self, deployment: Deployment) -> bool:
+        """A private endpoint: probe over a tunnel of our own, or over `mistral-deploy tunnel` if it runs."""
+        from mistral_deploy.skysdk import port_open
+
+        port = deployment.details.get("tunnel_port")
+        if port and port_open("127.0.0.1", int(port)) and self._probe(deployment.endpoint, deployment.tls_ca):
+            return True
+        try:
+            with self.open_tunnel(deployment, local_port=free_port()) as tunnel:
+                scheme = urlsplit(deployment.endpoint or "http://x").scheme or "http"
+                return self._probe(f"{scheme}://127.0.0.1:{tunnel.local_port}/v1", deployment.tls_ca)
+        except MistralDeployError:
+            return False
+
+    def logs(self, deployment: Deployment, *, follow: bool, lines: int) -> Iterator[str]:
+        cluster = deployment.details.get("cluster")
+        if not cluster:
+            return iter(())
+        return self.sdk.tail_job(cluster, deployment.details.get("job_id"), follow=follow, lines=lines)
+
+
+class ServeBackend(_CloudBase):
+    """A deployment as a SkyServe service: replicas behind SkyServe's load balancer (sky.serve.*).
+
+    Each replica runs the same stack as a single VM (engine on 127.0.0.1, the gateway checking keys);
+    the load balancer reaches replicas over plain HTTP, so TLS ends at the load balancer, with a
+    certificate made here for the controller's address and pinned by clients.
+    """
+
+    kind = "serve"
+    _ALIVE_EVERY = 15.0  # seconds between SkyServe status polls while waiting for readiness
+
+    def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
+        from mistral_deploy.fit import check_fit
+
+        check_fit(recipe)
+        if recipe.lifetime.ttl:
+            raise RecipeError(
+                "lifetime.ttl: a SkyServe service would relaunch replicas that autostop; "
+                "remove --ttl, or deploy one VM without replicas")
+        if set(recipe.network.allow) != {"0.0.0.0/0", "::/0"}:
+            raise RecipeError(
+                "network.allow: SkyServe's load balancer does not pass client addresses to replicas, so a "
+                "service cannot restrict source CIDRs; deploy one VM (no replicas) to restrict them")
+        secrets = launch_secrets(recipe)
+        task_config = render_task(recipe)
+        service_name = resource_name(recipe.name)
+        deployment = self._reserve(recipe, store, {"service": service_name, "network": "public",
+                                                   "last_phase": "provisioning"})
+        sdk = self.sdk
+
+        def phase(name: str, detail: str = "") -> None:
+            if deployment.details.get("last_phase") != name or detail:
+                deployment.details["last_phase"] = name
+                progress.phase(name, detail)
+
+        try:
+            keys = [generate_api_key() for _ in range(recipe.auth.keys)]
+            store.write_api_keys(recipe.name, keys)
+            probe_key = generate_api_key()  # for SkyServe's readiness probe only; stored nowhere here
+            secrets[API_KEYS_SECRET] = " ".join(keys + [probe_key])
+            secrets[PROBE_KEY_SECRET] = probe_key
+            phase("provisioning", f"service {service_name}: controller and load balancer")
+            tls_hosts: list[str] = []
+            if recipe.tls_enabled:
+                controller = self._controller_host()
+                tls_hosts = self._service_tls(task_config, store, deployment, controller)
+            endpoint_url = sdk.serve_up(task_config, service_name=service_name, secrets=secrets,
+                                        global_config=cloud_config(recipe), on_line=lambda _line: None)
+            host = urlsplit(endpoint_url).hostname or ""
+            if recipe.tls_enabled and host not in tls_hosts:
+                # A new controller: its address was unknown when the certificate was made. Replicas are
+                # still provisioning, so start over under the same controller with a certificate naming it.
+                phase("provisioning", f"re-issuing the load balancer's certificate for {host}")
+                sdk.serve_down(service_name)
+                service_name = resource_name(recipe.name) + "-tls"
+                deployment.details["service"] = service_name
+                store.save(deployment)
+                tls_hosts = self._service_tls(task_config, store, deployment, host)
+                endpoint_url = sdk.serve_up(task_config, service_name=service_name, secrets=secrets,
+                                            global_config=cloud_config(recipe), on_line=lambda _line: None)
+            deployment.endpoint = endpoint_url.rstrip("/") + "/v1"
+            deployment.details["head_ip"] = urlsplit(endpoint_url).hostname
+            store.save(deployment)
+            phase("provisioning", "replicas")
+
+            from mistral_deploy import probe
+
+            probe.wait_ready(
+                deployment.endpoint, keys[0], recipe.served_model_name, ca_file=deployment.tls_ca,
+                timeout=float(recipe.health.readiness_timeout), interval=recipe.health.probe_interval,
+                alive=self._alive_check(service_name, phase), on_phase=lambda name: phase(name),
+            )
+            info = sdk.serve_status(service_name)
+            if info is not None:
+                deployment.details["replicas"] = len([r for r in info.replicas if r.status == "READY"])
+            deployment.phase = "ready"
+            deployment.details["last_phase"] = "ready"
+            store.save(deployment)
+            progress.done(_ready_message(deployment))
+            return deployment
+        except NotReadyError as exc:
+            tail = exc.log_tail or self._log_tail(deployment)
+            self._fail(deployment, store, exc.message)
+            raise NotReadyError(
+                exc.message,
+                hint=f"the service is kept for inspection: `mistral-deploy logs {recipe.name}`; "
+                     f"`mistral-deploy down {recipe.name}` removes it",
+                log_tail=tail,
+            ) from None
+        except KeyboardInterrupt:
+            self._interrupted(deployment, store, progress, f"service {deployment.details['service']}")
+            raise
+        except MistralDeployError as exc:
+            if store.dir(recipe.name).is_dir():
+                self._fail(deployment, store, exc.message)
+                if not exc.hint:
+                    exc.hint = f"`mistral-deploy down {recipe.name}` removes what was created"
+            raise
+        except BaseException as exc:
+            self._fail(deployment, store, f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _controller_host(self) -> Optional[str]:
+        try:
+            return self.sdk.serve_controller_host()
+        except CloudError:
+            return None  # no controller yet
+
+    def _service_tls(self, task_config: dict[str, Any], store: "StateStore", deployment: Deployment,
+                     controller_host: Optional[str]) -> list[str]:
+        """A certificate for the load balancer (SkyServe uploads key and certificate to the controller)."""
+        # the controller's address, once known; before that a name no endpoint has, so it is re-issued
+        hosts = [controller_host] if controller_host else ["localhost"]
+        files = generate_tls(store.dir(deployment.name) / "service-tls", hosts, common_name=deployment.name)
+        task_config["service"]["tls"] = {"keyfile": str(files.key), "certfile": str(files.cert)}
+        deployment.tls_ca = str(files.ca_cert)
+        return hosts
+
+    def _alive_check(self, service_name: str, phase: Callable[[str, str], None]) -> Callable[[], bool]:
+        """For the readiness wait: False once SkyServe gives up on the service; phases from replica states."""
+        last = {"at": 0.0, "alive": True}
+
+        def alive() -> bool:
+            now = time.monotonic()
+            if now - last["at"] < self._ALIVE_EVERY:
+                return bool(last["alive"])
+            last["at"] = now
+            try:
+                info = self.sdk.serve_status(service_name)
+            except CloudError:
+                return True  # cannot tell; the readiness timeout still bounds the wait
+            if info is None or info.status in _SERVICE_FAILED:
+                last["alive"] = False
+            elif info.replicas and all(r.status in _REPLICA_FAILED for r in info.replicas):
+                last["alive"] = False
+            else:
+                states = [r.status for r in info.replicas]
+                for state in ("READY", "STARTING", "PROVISIONING", "PENDING"):
+                    if state in states:
+                        phase(_REPLICA_PHASES[state], f"{states.count(state)}/{len(states)} replicas {state.lower()}")
+                        break
+            return bool(last["alive"])
+
+        return alive
+
+    def _first_replica(self, service_name: str) -> Optional[int]:
+        info = self.sdk.serve_status(service_name)
+        if info is None or not info.replicas:
+            return None
+        ready = [r for r in info.replicas if r.status == "READY"]
+        return (ready or list(info.replicas))[0].replica_id
+
+    def _log_tail(self, deployment: Deployment) -> str:
+        try:
+            service = deployment.details["service"]
+            replica = self._first_replica(service)
+            if replica is None:
+                return ""
+            lines = list(self.sdk.serve_logs(service, replica_id=replica, follow=False, lines=LOG_TAIL_LINES))
+        except (CloudError, KeyError):
+            return ""
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def down(self, deployment: Deployment, store: "StateStore", progress: "Progress") -> None:
+        service = deployment.details.get("service")
+        if service:
+            progress.phase("teardown", f"sky serve down {service}")
+            self.sdk.serve_down(service)
+        store.remove(deployment.name)
+        progress.done(f"{deployment.name}: service {service} removed" if service else f"{deployment.name} removed")
+
+    def status(self, deployment: Deployment) -> dict[str, Any]:
+        service = deployment.details.get("service")
+        info: Optional[ServiceInfo] = None
+        service_status = "unknown"
+        try:
+            info = self.sdk.serve_status(service) if service else None
+            service_status = info.status if info else "missing"
+        except CloudError as exc:
+            service_status = f"unknown ({exc.message})"
+        healthy = False
+        if deployment.phase == "ready" and info is not None:
+            healthy = self._probe(deployment.endpoint, deployment.tls_ca)
+        return {
+            "name": deployment.name,
+            "backend": self.kind,
+            "phase": deployment.phase,
+            "healthy": healthy,
+            "endpoint": deployment.endpoint,
+            "ip": urlsplit(deployment.endpoint).hostname if deployment.endpoint else None,
+            "network": "public",
+            "service": service,
+            "service_status": service_status,
+            "replicas": [{"id": r.replica_id, "status": r.status, "endpoint": r.endpoint}
+                         for r in (info.replicas if info else ())],
+            "tls_ca": deployment.tls_ca,
+        }
+
+    def logs(self, deployment: Deployment, *, follow: bool, lines: int) -> Iterator[str]:
+        service = deployment.details.get("service")
+        replica = self._first_replica(service) if service else None
+        if replica is None:
+            return iter(())
+        return self.sdk.serve_logs(service, replica_id=replica, follow=follow, lines=lines)
+
+
+def _cluster_details(cluster: ClusterInfo) -> dict[str, Any]:
+    return {
+        "cloud": cluster.cloud, "region": cluster.region, "zone": cluster.zone,
+        "instance_type": cluster.instance_type, "use_spot": cluster.use_spot,
+        "accelerators": cluster.accelerators, "head_ip": cluster.head_ip, "internal_ip": cluster.internal_ip,
+    }
+
+
+def _ready_message(deployment: Deployment) -> str:
+    d = deployment.details
+    where = ""
+    if d.get("instance_type"):
+        spot = " spot" if d.get("use_spot") else ""
+        where = f" on {d['instance_type']}{spot} ({d.get('cloud')}/{d.get('region')})"
+    price = d.get("hourly_price")
+    cost = f", ${price:.2f}/hour" if isinstance(price, (int, float)) else ""
+    text = f"{deployment.name} is ready at {deployment.endpoint}{where}{cost}"
+    if d.get("network") == "private":
+        text += f"; reach it with `mistral-deploy tunnel {deployment.name}`"
+    return text
+
+
+def _check_certificate(pem: str) -> None:
+    """What came back from the VM is one certificate, and nothing secret."""
+    if "PRIVATE KEY" in pem:
+        raise CloudError("the VM returned key material where its certificate was expected; not stored")
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        raise CloudError("the VM's gateway certificate is not a PEM certificate") from None
+
+
+def backend_for_kind(kind: str) -> "CloudBackend | ServeBackend":
+    if kind == "cloud":
+        return CloudBackend()
+    if kind == "serve":
+        return ServeBackend()
+    raise ValueError(f"unknown cloud backend {kind!r}")

@@ -392,3 +392,16 @@ class FakeSky:
 
 def probe_key_of(call: Call) -> str:
     return call.args["secrets"][PROBE_KEY_SECRET]
+
+
+def skypilot_api_servers() -> set[int]:
+    """PIDs of SkyPilot API servers running on this machine (`python -m sky.server.server`)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    pids = set()
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "sky.server.server" in args:
+            pids.add(int(pid))
+    return pids

@@ -88,7 +88,10 @@ def _resources(recipe: Recipe) -> dict[str, Any]:
             "wait_for": "none",
         }
     choices: list[dict[str, Any]] = []
-    spot_modes = [True, False] if res.spot and res.spot_fallback else [res.spot]
+    # A task falls back from spot to on-demand through ordered choices; a service cannot mix them
+    # (SkyServe wants all spot or none) and falls back through its replica policy instead.
+    ordered_fallback = res.spot and res.spot_fallback and recipe.replicas is None
+    spot_modes = [True, False] if ordered_fallback else [res.spot]
     for gpu in res.gpu or [None]:
         for spot in spot_modes:
             choice: dict[str, Any] = {}
@@ -145,26 +148,28 @@ def render_run(recipe: Recipe) -> str:
 
 
 def _config_overrides(recipe: Recipe) -> Optional[dict[str, Any]]:
-    """Per-task SkyPilot config for vpc mode, where the cloud allows it as a task override."""
-    if recipe.network.mode != "vpc":
+    """Per-task SkyPilot config for vpc mode: only the keys SkyPilot lets a task override (gcp/azure vpc_name)."""
+    if recipe.network.mode != "vpc" or not recipe.network.vpc_name:
         return None
     cloud = recipe.resources.cloud
     if cloud in ("gcp", "azure"):
-        cfg: dict[str, Any] = {"use_internal_ips": True}
-        if recipe.network.vpc_name:
-            cfg["vpc_name"] = recipe.network.vpc_name
-        return {cloud: cfg}
-    return None  # aws: global config keys, passed at launch (see cloud_config)
+        return {cloud: {"vpc_name": recipe.network.vpc_name}}
+    return None  # aws: vpc_names is a global config key, passed at launch (see cloud_config)
 
 
 def cloud_config(recipe: Recipe) -> dict[str, Any]:
-    """SkyPilot global config keys this recipe needs at launch (AWS VPC settings are not per-task)."""
-    if recipe.network.mode == "vpc" and recipe.resources.cloud == "aws":
-        cfg: dict[str, Any] = {"use_internal_ips": True}
-        if recipe.network.vpc_name:
-            cfg["vpc_names"] = [recipe.network.vpc_name]
-        return {"aws": cfg}
-    return {}
+    """SkyPilot global config keys this recipe needs at launch.
+
+    `use_internal_ips` (every cloud) and `aws.vpc_names` are not task overrides in SkyPilot 0.14
+    (constants.OVERRIDEABLE_CONFIG_KEYS_IN_TASK), so they travel as config (`--config` / the config file).
+    """
+    cloud = recipe.resources.cloud
+    if recipe.network.mode != "vpc" or cloud not in ("aws", "gcp", "azure"):
+        return {}
+    cfg: dict[str, Any] = {"use_internal_ips": True}
+    if cloud == "aws" and recipe.network.vpc_name:
+        cfg["vpc_names"] = [recipe.network.vpc_name]
+    return {cloud: cfg}
 
 
 def _service(recipe: Recipe) -> dict[str, Any]:
@@ -185,14 +190,19 @@ def _service(recipe: Recipe) -> dict[str, Any]:
         },
         "ports": recipe.network.port,
     }
-    if reps.max is None or reps.max == reps.min:
+    autoscale = reps.max is not None and reps.max != reps.min
+    spot_fallback = recipe.resources.spot and recipe.resources.spot_fallback
+    if not autoscale and not spot_fallback:
         service["replicas"] = reps.min
     else:
-        policy: dict[str, Any] = {"min_replicas": reps.min, "max_replicas": reps.max}
-        if reps.target_qps is not None:
-            policy["target_qps_per_replica"] = reps.target_qps
-        if recipe.resources.spot and recipe.resources.spot_fallback:
-            policy["base_ondemand_fallback_replicas"] = 1
+        policy: dict[str, Any] = {"min_replicas": reps.min}
+        if autoscale:
+            policy["max_replicas"] = reps.max
+            if reps.target_qps is not None:
+                policy["target_qps_per_replica"] = reps.target_qps
+        if spot_fallback:
+            # replicas run on spot; SkyServe launches on-demand ones while spot is unavailable
+            policy["dynamic_ondemand_fallback"] = True
         service["replica_policy"] = policy
     if recipe.tls_enabled:
         service["tls"] = {"keyfile": "~/.mistral-deploy/service-tls/key.pem",

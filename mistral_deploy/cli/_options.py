@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from mistral_deploy.recipe import DEFAULT_RECIPE, LoadedRecipe, Overrides, load_recipe
+if TYPE_CHECKING:
+    from mistral_deploy.recipe import LoadedRecipe, Overrides
+
+# The recipe `up` uses when none is named. Kept here, not imported from recipe.py, so that `--help` does not
+# import pydantic; tests/test_cli_speed.py checks it equals mistral_deploy.recipe.DEFAULT_RECIPE.
+DEFAULT_RECIPE = "mistral-7b-instruct"
 
 RecipeArg = Annotated[
     str,
@@ -43,9 +48,13 @@ def overrides(
     ttl: Optional[str] = None,
     port: Optional[int] = None,
 ) -> Overrides:
+    from mistral_deploy.recipe import Overrides
+
     return Overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
                      network=network, allow=allow, ttl=ttl, port=port)
 
 
 def load(recipe: str, flags: Overrides) -> LoadedRecipe:
+    from mistral_deploy.recipe import load_recipe
+
     return load_recipe(recipe, flags)

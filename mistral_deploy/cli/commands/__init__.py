@@ -1,4 +1,4 @@
 """Importing this package registers every command on the app."""
 
-from mistral_deploy.cli.commands import recipes, render, schema, validate  # noqa: F401
+from mistral_deploy.cli.commands import plan, recipes, render, schema, validate  # noqa: F401
 from mistral_deploy.cli.commands import tunnel  # noqa: F401,E402

@@ -7,7 +7,6 @@ import typer
 from mistral_deploy.cli import app
 from mistral_deploy.cli._options import RecipeArg
 from mistral_deploy.cli._output import Output
-from mistral_deploy.recipe import builtin_recipe_names, load_recipe, resolve_recipe_path
 
 recipes_app = typer.Typer(help="List the built-in recipes, or show one.", invoke_without_command=True)
 app.add_typer(recipes_app, name="recipes")
@@ -18,6 +17,8 @@ def list_recipes(ctx: typer.Context) -> None:
     """One line per built-in recipe: name, model, GPU, description."""
     if ctx.invoked_subcommand is not None:
         return
+    from mistral_deploy.recipe import builtin_recipe_names, load_recipe
+
     out = Output()
     rows = []
     for name in builtin_recipe_names():
@@ -34,6 +35,8 @@ def list_recipes(ctx: typer.Context) -> None:
 @recipes_app.command("show")
 def show(recipe: RecipeArg) -> None:
     """Print a recipe's YAML, comments included."""
+    from mistral_deploy.recipe import load_recipe, resolve_recipe_path
+
     path, _ = resolve_recipe_path(recipe)
     load_recipe(recipe)  # a broken file is reported, not shown as if it were fine
     Output().data(path.read_text(encoding="utf-8"))

@@ -13,8 +13,6 @@ from mistral_deploy.cli._options import (
 )
 from mistral_deploy.cli._output import Output
 from mistral_deploy.errors import MistralDeployError
-from mistral_deploy.fit import check_fit
-from mistral_deploy.render import dump_yaml, render_task
 
 
 @app.command()
@@ -33,6 +31,9 @@ def render(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write task.yaml into this folder.")] = None,
 ) -> None:
     """Print the SkyPilot task YAML (secrets only as null `secrets:` entries), or write it with --out."""
+    from mistral_deploy.fit import check_fit
+    from mistral_deploy.render import dump_yaml, render_task
+
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
                                     network=network, allow=allow, ttl=ttl, port=port))
     check_fit(loaded.recipe)

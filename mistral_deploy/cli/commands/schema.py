@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from mistral_deploy.cli import app
 from mistral_deploy.cli._output import Output
-from mistral_deploy.recipe import json_schema
 
 
 @app.command()
 def schema() -> None:
     """Print the recipe JSON Schema (mistral-deploy schema > recipe.schema.json)."""
+    from mistral_deploy.recipe import json_schema
+
     Output().json(json_schema())
 
 

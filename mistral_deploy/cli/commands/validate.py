@@ -5,7 +5,6 @@ from __future__ import annotations
 from mistral_deploy.cli import app
 from mistral_deploy.cli._options import Cloud, Gpu, Model, Network, RecipeArg, Region, Spot, Ttl, load, overrides
 from mistral_deploy.cli._output import Output
-from mistral_deploy.fit import architecture_of, check_fit
 
 
 @app.command()
@@ -20,6 +19,8 @@ def validate(
     ttl: Ttl = None,
 ) -> None:
     """Validate a recipe (with any overrides) and estimate GPU memory. Exit 3: invalid; exit 4: does not fit."""
+    from mistral_deploy.fit import architecture_of, check_fit
+
     out = Output()
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, spot=spot,
                                     network=network, ttl=ttl))

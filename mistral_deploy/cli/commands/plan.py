@@ -1,0 +1,147 @@
+"""`mistral-deploy plan`: does the model fit, and what would it cost, cheapest first.
+
+Prices come from SkyPilot's own catalog (mistral_deploy.pricing); this is the one command that imports it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from mistral_deploy.cli import app
+from mistral_deploy.cli._options import Cloud, Gpu, RecipeArg, Region, Spot, load, overrides
+from mistral_deploy.cli._output import Output
+
+if TYPE_CHECKING:
+    from mistral_deploy.fit import FitEstimate
+    from mistral_deploy.pricing import Offer
+    from mistral_deploy.recipe import GpuRequest, Recipe
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the estimate and the offers as JSON.")]
+AllFlag = Annotated[
+    bool, typer.Option("--all", help="List every instance type, not only the cheapest per cloud, region and GPU.")
+]
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    gpu: Gpu = None,
+    cloud: Cloud = None,
+    region: Region = None,
+    spot: Spot = None,
+    json_out: JsonFlag = False,
+    every: AllFlag = False,
+) -> None:
+    """Check that the model fits, then list GPU offers cheapest first: $/h on-demand and spot, est. $/month.
+
+    Prices are read from SkyPilot's catalog for aws, gcp and azure (or --cloud). Exit 4: does not fit.
+    """
+    from mistral_deploy import pricing
+    from mistral_deploy.errors import RecipeError
+    from mistral_deploy.fit import architecture_of, check_fit, estimate
+    from mistral_deploy.recipe import LOCAL_CLOUD
+
+    out = Output(json_mode=json_out)
+    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, spot=spot))
+    r = loaded.recipe
+    if not r.resources.gpu:
+        raise RecipeError(f"{loaded.source}: resources.gpu: plan needs a GPU to price; pass --gpu, e.g. --gpu A10G")
+    check_fit(r)  # exit 4, with what would fit, when no candidate does
+    arch = architecture_of(r)
+    estimates = {str(g): estimate(r, g, arch) if arch else None for g in r.resources.gpu}
+    # price the candidates that fit, and those we cannot judge (unknown model or GPU)
+    candidates = [g for g in r.resources.gpu if estimates[str(g)] is None or estimates[str(g)].fits]
+
+    if r.resources.cloud in (None, LOCAL_CLOUD):
+        clouds = list(pricing.PRICED_CLOUDS)  # the local backend has no price: show what the clouds charge
+    elif r.resources.cloud in pricing.PRICED_CLOUDS:
+        clouds = [r.resources.cloud]
+    else:
+        where = "--cloud" if cloud else "resources.cloud"
+        raise RecipeError(
+            f"{loaded.source}: {where}: plan prices {', '.join(pricing.PRICED_CLOUDS)}; "
+            f"{r.resources.cloud!r} has no price catalog"
+        )
+    use_spot = r.resources.spot
+    replicas = max(1, r.replicas.min) if r.replicas is not None else 1
+
+    found = pricing.find_offers(candidates, clouds, r.resources.region)
+    offers = pricing.cheapest_first(found, spot=use_spot) if every else pricing.cheapest_per_region(found, spot=use_spot)
+    if not offers:
+        where = f" in {r.resources.region}" if r.resources.region else ""
+        raise RecipeError(
+            f"{loaded.source}: no offer for {', '.join(str(g) for g in candidates)} on {', '.join(clouds)}{where} "
+            "in SkyPilot's catalog; try another --gpu, --cloud or --region"
+        )
+
+    if json_out:
+        out.json({
+            "recipe": r.name,
+            "source": loaded.source,
+            "model": r.model.id,
+            "spot": use_spot,
+            "replicas": replicas,
+            "hours_per_month": pricing.HOURS_PER_MONTH,
+            "clouds": clouds,
+            "estimates": [_estimate_json(g, estimates[str(g)]) for g in r.resources.gpu],
+            "offers": [o.to_json(spot=use_spot, replicas=replicas) for o in offers],
+        })
+        return
+    _print_plan(out, r, loaded.source, estimates, offers, use_spot=use_spot, replicas=replicas)
+    if arch is None:
+        out.warn(f"no fit estimate: {r.model.id} is not a known model; set model.architecture")
+
+
+def _estimate_json(gpu: GpuRequest, est: FitEstimate | None) -> dict[str, object]:
+    if est is None:
+        return {"gpu": str(gpu), "fits": None}
+    return {
+        "gpu": str(gpu),
+        "fits": est.fits,
+        "weights_gib": round(est.weights_gib, 2),
+        "kv_cache_gib": round(est.kv_cache_gib, 2),
+        "overhead_gib": round(est.overhead_gib, 2),
+        "needed_gib": round(est.needed_gib, 2),
+        "usable_gib": round(est.usable_gib, 2),
+        "context_tokens": est.context_tokens,
+    }
+
+
+def _print_plan(
+    out: Output,
+    recipe: Recipe,
+    source: str,
+    estimates: dict[str, FitEstimate | None],
+    offers: list[Offer],
+    *,
+    use_spot: bool,
+    replicas: int,
+) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from mistral_deploy.pricing import HOURS_PER_MONTH
+
+    out.data(f"{source}: {recipe.model.id}")
+    for gpu_text, est in estimates.items():
+        out.data(f"  {est.summary()}" if est is not None else f"  {gpu_text}: no memory estimate")
+    mode = "spot" if use_spot else "on-demand"
+    per = f" x {replicas} replicas" if replicas > 1 else ""
+    table = Table(title=f"Offers, cheapest first ({mode}, {HOURS_PER_MONTH} h/month{per})", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for header, justify in (("cloud", "left"), ("region", "left"), ("instance type", "left"), ("GPU", "left"),
+                            ("$/h on-demand", "right"), ("$/h spot", "right"), ("est. $/month", "right")):
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for offer in offers:
+        table.add_row(
+            offer.cloud,
+            offer.region,
+            offer.instance_type,
+            str(offer.gpu),
+            f"{offer.price:.3f}",
+            "-" if offer.spot_price is None else f"{offer.spot_price:.3f}",
+            f"{offer.monthly(spot=use_spot, replicas=replicas):,.0f}",
+        )
+    out.print(table)

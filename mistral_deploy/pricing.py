@@ -1,0 +1,142 @@
+"""GPU prices per cloud and region, read from SkyPilot's own catalog (`sky.catalog`).
+
+The one module that reads SkyPilot's catalog. It imports `sky.catalog` inside its functions (seconds of
+start-up that only `plan` pays) and never starts SkyPilot's API server: the catalog is read in-process.
+A catalog that is not on disk yet is an error that says how to get it, not a download: SkyPilot fetches its
+catalogs on first use, and `plan` should neither hang nor fail halfway on a machine that is offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from mistral_deploy.errors import CloudError, RecipeError
+from mistral_deploy.recipe import GpuRequest
+
+PRICED_CLOUDS = ("aws", "gcp", "azure")
+HOURS_PER_MONTH = 730
+
+# What SkyPilot calls each cloud in its catalog results.
+_CATALOG_CLOUD_NAMES = {"aws": "aws", "gcp": "gcp", "azure": "azure"}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One way to rent a GPU configuration: an instance type in a region, with its hourly prices."""
+
+    cloud: str
+    region: str
+    instance_type: str
+    gpu: GpuRequest
+    price: float  # on-demand, $/hour
+    spot_price: Optional[float]  # $/hour; None where the catalog lists no spot market
+
+    def hourly(self, *, spot: bool) -> float:
+        """The price one would pay: spot where asked for and offered, on-demand otherwise."""
+        if spot and self.spot_price is not None:
+            return self.spot_price
+        return self.price
+
+    def monthly(self, *, spot: bool, replicas: int = 1) -> float:
+        return self.hourly(spot=spot) * HOURS_PER_MONTH * replicas
+
+    def to_json(self, *, spot: bool, replicas: int = 1) -> dict[str, Any]:
+        return {
+            "cloud": self.cloud,
+            "region": self.region,
+            "instance_type": self.instance_type,
+            "gpu": str(self.gpu),
+            "price_per_hour": round(self.price, 4),
+            "spot_price_per_hour": None if self.spot_price is None else round(self.spot_price, 4),
+            "monthly": round(self.monthly(spot=spot, replicas=replicas), 2),
+        }
+
+
+def cheapest_first(offers: Iterable[Offer], *, spot: bool) -> list[Offer]:
+    """Cheapest first by the hourly price that would be paid; ties broken so the order is stable."""
+    return sorted(offers, key=lambda o: (o.hourly(spot=spot), o.price, o.cloud, o.region, o.instance_type))
+
+
+def cheapest_per_region(offers: Iterable[Offer], *, spot: bool) -> list[Offer]:
+    """The cheapest instance type for each (cloud, region, GPU), cheapest first."""
+    best: dict[tuple[str, str, str], Offer] = {}
+    for offer in cheapest_first(offers, spot=spot):
+        best.setdefault((offer.cloud, offer.region, str(offer.gpu)), offer)
+    return list(best.values())
+
+
+def catalog_files(clouds: Iterable[str]) -> dict[str, Path]:
+    """Where SkyPilot keeps each cloud's VM catalog (it follows $SKY_RUNTIME_DIR)."""
+    from sky.catalog import common
+
+    return {cloud: Path(common.get_catalog_path(f"{cloud}/vms.csv")) for cloud in clouds}
+
+
+def find_offers(gpus: list[GpuRequest], clouds: list[str], region: Optional[str] = None) -> list[Offer]:
+    """Every (cloud, region, instance type) that offers each GPU configuration, with its catalog prices."""
+    unknown = [c for c in clouds if c not in PRICED_CLOUDS]
+    if unknown:
+        raise RecipeError(
+            f"--cloud: plan prices {', '.join(PRICED_CLOUDS)}; {unknown[0]!r} has no price catalog"
+        )
+    missing = {cloud: path for cloud, path in catalog_files(clouds).items() if not path.is_file()}
+    if missing:
+        cloud, path = next(iter(missing.items()))
+        raise CloudError(
+            f"SkyPilot's {cloud} catalog is not downloaded yet ({path})",
+            hint=f"fetch it once while online, e.g. `sky show-gpus --infra {cloud}`, then run plan again",
+        )
+    offers: list[Offer] = []
+    for gpu in gpus:
+        for info in _list_accelerators(gpu, clouds, region):
+            cloud = str(info.cloud).lower()
+            offers.append(
+                Offer(
+                    cloud=_CATALOG_CLOUD_NAMES.get(cloud, cloud),
+                    region=str(info.region),
+                    instance_type=str(info.instance_type),
+                    gpu=GpuRequest(name=str(info.accelerator_name), count=gpu.count),
+                    price=float(info.price),
+                    spot_price=_price_or_none(info.spot_price),
+                )
+            )
+    return offers
+
+
+def _list_accelerators(gpu: GpuRequest, clouds: list[str], region: Optional[str]) -> list[Any]:
+    import sky.catalog
+
+    # SkyPilot prints progress for catalog refreshes on stdout; keep stdout for our own output.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            found = sky.catalog.list_accelerators(
+                gpus_only=True,
+                name_filter=f"^{re.escape(gpu.name)}$",
+                region_filter=f"^{re.escape(region)}$" if region else None,
+                quantity_filter=gpu.count,
+                clouds=list(clouds),
+                case_sensitive=False,
+                all_regions=True,
+            )
+        except Exception as exc:  # the catalog is a file SkyPilot may refresh or users may edit
+            raise CloudError(f"reading SkyPilot's catalog failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    return [info for infos in found.values() for info in infos if _price_or_none(info.price) is not None]
+
+
+def _price_or_none(value: Any) -> Optional[float]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

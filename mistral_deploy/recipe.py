@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -57,7 +58,14 @@ def parse_duration(value: object) -> object:
     raise ValueError("expected a duration such as 90s, 30m, 4h or 1d (a bare number means seconds)")
 
 
-Duration = Annotated[int, BeforeValidator(parse_duration), Field(gt=0)]
+# The JSON Schema (`mistral-deploy schema`) accepts the same shorthands as loading does.
+_DURATION_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "integer", "exclusiveMinimum": 0, "description": "seconds"},
+        {"type": "string", "pattern": r"^\s*[0-9]+\s*[smhd]?\s*$", "description": "90s, 30m, 4h or 1d"},
+    ]
+}
+Duration = Annotated[int, BeforeValidator(parse_duration), Field(gt=0), WithJsonSchema(_DURATION_JSON_SCHEMA)]
 
 
 def format_duration(seconds: int) -> str:
@@ -69,6 +77,23 @@ def format_duration(seconds: int) -> str:
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+_GPU_OBJECT_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "count": {"type": "integer", "minimum": 1, "maximum": 16}},
+    "required": ["name"],
+    "additionalProperties": False,
+}
+_GPU_STRING_JSON_SCHEMA: dict[str, Any] = {"type": "string", "pattern": _GPU_RE.pattern, "description": "NAME:COUNT"}
+_GPUS_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _GPU_STRING_JSON_SCHEMA,
+        _GPU_OBJECT_JSON_SCHEMA,
+        {"type": "array", "items": {"anyOf": [_GPU_STRING_JSON_SCHEMA, _GPU_OBJECT_JSON_SCHEMA]}},
+    ],
+    "description": "NAME:COUNT, or a list of candidates in order of preference",
+}
 
 
 class GpuRequest(_Spec):
@@ -162,7 +187,7 @@ class EngineSpec(_Spec):
 class ResourcesSpec(_Spec):
     cloud: Optional[str] = Field(None, description="aws, gcp, azure, kubernetes, ... or local")
     region: Optional[str] = None
-    gpu: Annotated[list[GpuRequest], BeforeValidator(_parse_gpus)] = Field(
+    gpu: Annotated[list[GpuRequest], BeforeValidator(_parse_gpus), WithJsonSchema(_GPUS_JSON_SCHEMA)] = Field(
         default_factory=list, description="NAME:COUNT, or a list of candidates in order of preference"
     )
     spot: bool = False
@@ -191,7 +216,11 @@ def _parse_cidrs(value: object) -> object:
 
 class NetworkSpec(_Spec):
     mode: Literal["public", "private", "vpc"] = "public"
-    allow: Annotated[list[str], BeforeValidator(_parse_cidrs)] = Field(
+    allow: Annotated[
+        list[str],
+        BeforeValidator(_parse_cidrs),
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    ] = Field(
         default_factory=lambda: ["0.0.0.0/0", "::/0"], description="source CIDRs the gateway admits"
     )
     port: int = Field(8443, ge=1, le=65535, description="the gateway port, the only one that listens")
@@ -246,7 +275,12 @@ class Recipe(_Spec):
     auth: AuthSpec = Field(default_factory=AuthSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     lifetime: LifetimeSpec = Field(default_factory=LifetimeSpec)
-    replicas: Optional[ReplicasSpec] = None
+    replicas: Optional[ReplicasSpec] = Field(
+        None,
+        description="a replica count, or min/max/target_qps: serve with SkyServe",
+        # `replicas: 2` is the count shorthand (ReplicasSpec._count)
+        json_schema_extra=lambda schema: schema["anyOf"].insert(0, {"type": "integer", "minimum": 0}),
+    )
 
     @field_validator("name")
     @classmethod

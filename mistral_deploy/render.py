@@ -20,6 +20,8 @@ from mistral_deploy.templates import render_template, template_text
 
 GATEWAY_IMAGE = "nginx:1.28.0-alpine"
 API_KEYS_SECRET = "MISTRAL_DEPLOY_API_KEYS"
+# A service's readiness probe sends one key, generated for the probe alone (also accepted by the gateway).
+PROBE_KEY_SECRET = "MISTRAL_DEPLOY_PROBE_KEY"
 HF_TOKEN_SECRET = "HF_TOKEN"
 # The engine listens on this port inside its container; the host publishes it on 127.0.0.1 only.
 ENGINE_CONTAINER_PORT = 8000
@@ -55,8 +57,15 @@ def engine_args(recipe: Recipe, *, model: str, host: str, port: int) -> list[str
     return args
 
 
+def vm_gateway_tls(recipe: Recipe) -> bool:
+    """TLS on the VM's gateway. A SkyServe replica is reached by the load balancer and the readiness
+    prober over plain HTTP (SkyServe prefixes replica endpoints with http://), so TLS ends at the load
+    balancer (`service.tls`) instead."""
+    return recipe.tls_enabled and recipe.replicas is None
+
+
 def vm_gateway_layout(recipe: Recipe) -> GatewayLayout:
-    tls = recipe.tls_enabled
+    tls = vm_gateway_tls(recipe)
     return GatewayLayout(
         listen_host=listen_host_for(recipe.network.mode),
         port=recipe.network.port,
@@ -118,10 +127,10 @@ def render_setup(recipe: Recipe) -> str:
         "setup.sh.j2",
         recipe=recipe,
         state_dir=VM_STATE_DIR,
-        gateway_config=render_gateway_config(recipe, vm_gateway_layout(recipe)),
+        gateway_config=render_gateway_config(recipe, vm_gateway_layout(recipe), tls=vm_gateway_tls(recipe)),
         vllm_image=recipe.engine.image,
         gateway_image=GATEWAY_IMAGE,
-        tls=recipe.tls_enabled,
+        tls=vm_gateway_tls(recipe),
         builtin_model=recipe.builtin_model,
         tiny_model_builder=template_text("build_tiny_model.py") if recipe.builtin_model else "",
     )
@@ -185,8 +194,8 @@ def _service(recipe: Recipe) -> dict[str, Any]:
             ),
             "initial_delay_seconds": int(recipe.health.readiness_timeout),
             "timeout_seconds": int(recipe.health.probe_timeout),
-            # the value comes from the API key secret at launch, never from this file
-            "headers": {"Authorization": f"Bearer ${{{API_KEYS_SECRET}}}"},
+            # the value comes from the probe key secret at launch, never from this file
+            "headers": {"Authorization": f"Bearer ${{{PROBE_KEY_SECRET}}}"},
         },
         "ports": recipe.network.port,
     }
@@ -221,6 +230,8 @@ def render_task(recipe: Recipe) -> dict[str, Any]:
     if recipe.engine.env:
         task["envs"] = dict(sorted(recipe.engine.env.items()))
     secrets: dict[str, None] = {API_KEYS_SECRET: None}
+    if recipe.replicas is not None:
+        secrets[PROBE_KEY_SECRET] = None
     if recipe.model.hf_token:
         secrets[HF_TOKEN_SECRET] = None
     task["secrets"] = secrets

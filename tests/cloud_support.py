@@ -180,6 +180,7 @@ class RelayTunnel(Tunnel):
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", local_port))
         self._listener.listen(16)
+        self._listener.settimeout(0.05)  # accept() wakes up to see close()
         super().__init__(int(self._listener.getsockname()[1]), None)
         self._target = target
         self._closed = threading.Event()
@@ -190,8 +191,11 @@ class RelayTunnel(Tunnel):
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             try:
                 upstream = socket.create_connection(self._target, timeout=5)
             except OSError:
@@ -227,8 +231,8 @@ class RelayTunnel(Tunnel):
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
-            self._listener.close()
             self._thread.join(timeout=5)
+            self._listener.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,438 @@
+"""Cloud and SkyServe deployments, end to end, with the cloud account faked at the SkyPilot SDK boundary.
+
+Our code runs for real: recipe, rendering, state store, keys, the readiness probe, TLS pinning; the
+"VM" is a real HTTP(S) server on 127.0.0.1 (tests/cloud_support.VmEndpoint) that only admits the keys
+the launch passed as SkyPilot secrets. Only skysdk.SkySdk is replaced (tests/cloud_support.FakeSky).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from cloud_support import FakeSky, VmEndpoint, probe_key_of
+from mistral_deploy import skysdk
+from mistral_deploy.cloud import CloudBackend, ServeBackend, backend_for_kind
+from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
+from mistral_deploy.recipe import Overrides, Recipe, load_recipe, validate_recipe_data
+from mistral_deploy.render import API_KEYS_SECRET, HF_TOKEN_SECRET, PROBE_KEY_SECRET
+from mistral_deploy.state import StateStore
+
+# the readiness probe is mistral_deploy.probe (written beside the local backend)
+pytest.importorskip("mistral_deploy.probe")
+
+HF = "hf_test_token_not_real_0123456789"
+FAST_HEALTH = {"readiness_timeout": 30, "probe_interval": 0.05, "probe_timeout": 5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_skypilot_api_server_left():
+    """Nothing here may start SkyPilot's API server (every SDK request would); none is left running."""
+    from cloud_support import skypilot_api_servers
+
+    before = skypilot_api_servers()
+    yield
+    assert skypilot_api_servers() - before == set()
+
+
+
+class Phases:
+    """Collects what a backend reports (the Progress interface: phase, done, fail)."""
+
+    def __init__(self) -> None:
+        self.phases: list[str] = []
+        self.details: list[str] = []
+        self.done_message = ""
+        self.fail_message = ""
+
+    def phase(self, name: str, detail: str = "") -> None:
+        if not self.phases or self.phases[-1] != name:
+            self.phases.append(name)
+        self.details.append(detail)
+
+    def done(self, message: str) -> None:
+        self.done_message = message
+
+    def fail(self, message: str) -> None:
+        self.fail_message = message
+
+
+def make_recipe(ref: str = "mistral-7b-instruct", *, extra: dict[str, Any] | None = None, **flags: Any) -> Recipe:
+    flags.setdefault("cloud", "aws")
+    flags.setdefault("gpu", "A10G")
+    data = load_recipe(ref, Overrides(**flags)).recipe.to_yaml_config()
+    data["health"] = dict(FAST_HEALTH)
+    data.update(extra or {})
+    return validate_recipe_data(data, "test").recipe
+
+
+@pytest.fixture
+def vm() -> Iterator[VmEndpoint]:
+    endpoint = VmEndpoint(served_model="mistral-7b-instruct")
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def fake(vm: VmEndpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
+    sky = FakeSky(vm)
+    skysdk.set_sdk(sky)
+    monkeypatch.setenv(HF_TOKEN_SECRET, HF)
+    yield sky
+    skysdk.set_sdk(None)
+    sky.close_tunnels()
+
+
+@pytest.fixture
+def store() -> StateStore:
+    return StateStore()
+
+
+def _authed_models(endpoint: str, key: str, ca: str | None) -> httpx.Response:
+    import ssl
+
+    verify: Any = ssl.create_default_context(cafile=ca) if ca else True
+    with httpx.Client(verify=verify, timeout=5) as client:
+        return client.get(f"{endpoint}/models", headers={"Authorization": f"Bearer {key}"})
+
+
+# --------------------------------------------------------------------------------------------------
+# up, per network mode
+
+
+def test_up_public_launches_with_secrets_pins_the_vm_certificate_and_probes(fake, vm, store, tmp_path):
+    vm.start(tls_dir=tmp_path / "vm-tls")
+    progress = Phases()
+    recipe = make_recipe()
+
+    deployment = CloudBackend().up(recipe, store, progress)
+
+    # launch, then the job's log (phases), the VM's certificate once setup is done, the opened port
+    assert fake.names() == ["launch", "hourly_price", "tail_job", "read_head_file", "endpoint"]
+    launch = next(c for c in fake.calls if c.method == "launch")
+    keys = store.read_api_keys(recipe.name)
+    assert len(keys) == 1
+    # the API keys and the HF token go as SkyPilot secrets; the rendered task keeps them null
+    assert launch.args["secrets"] == {API_KEYS_SECRET: keys[0], HF_TOKEN_SECRET: HF}
+    assert launch.args["task_config"]["secrets"] == {API_KEYS_SECRET: None, HF_TOKEN_SECRET: None}
+    assert "envs" not in launch.args["task_config"] or API_KEYS_SECRET not in launch.args["task_config"]["envs"]
+    assert launch.args["cluster_name"] == "md-mistral-7b-instruct"
+    assert launch.args["global_config"] == {}
+    # the certificate was read from the VM over SSH, the gateway port looked up through sky.endpoints
+    assert {"read_head_file", "endpoint", "tail_job", "hourly_price"} <= set(fake.names())
+    read = next(c for c in fake.calls if c.method == "read_head_file")
+    assert read.args["path"] == "~/.mistral-deploy/gateway/tls/cert.pem"
+
+    assert deployment.phase == "ready"
+    assert deployment.endpoint == f"https://127.0.0.1:{vm.port}/v1"
+    assert Path(deployment.tls_ca).read_text() == vm.cert_pem
+    assert stat.S_IMODE(os.stat(store.dir(recipe.name) / "api_keys").st_mode) == 0o600
+    # the readiness probe reached the VM with the key, over the pinned TLS
+    assert any(auth == f"Bearer {keys[0]}" for _, _, auth in vm.requests)
+    assert _authed_models(deployment.endpoint, keys[0], deployment.tls_ca).status_code == 200
+    assert _authed_models(deployment.endpoint, "md-wrong-key-000000000000000000", deployment.tls_ca).status_code == 401
+    # phases streamed from SkyPilot's lines and the scripts' markers
+    for name in ("provisioning", "setup", "image-pull", "engine-start", "weights"):
+        assert name in progress.phases
+    assert progress.phases.index("provisioning") < progress.phases.index("setup") < progress.phases.index("image-pull")
+    assert "$1.01/hour" in progress.done_message and "g5.xlarge" in progress.done_message
+    record = store.load(recipe.name)
+    assert record.phase == "ready" and record.details["cluster"] == "md-mistral-7b-instruct"
+    assert record.details["hourly_price"] == pytest.approx(1.006)
+    assert keys[0] not in (store.dir(recipe.name) / "deployment.json").read_text()
+
+
+def test_up_private_reaches_the_gateway_through_a_tunnel_and_status_reprobes(fake, vm, store):
+    vm.start()
+    recipe = make_recipe(network="private")
+    deployment = CloudBackend().up(recipe, store, Phases())
+
+    tunnel_calls = [c for c in fake.calls if c.method == "open_tunnel"]
+    assert tunnel_calls and tunnel_calls[0].args["remote_host"] == "127.0.0.1"
+    assert tunnel_calls[0].args["remote_port"] == recipe.network.port
+    assert "endpoint" not in fake.names()  # nothing is opened to the internet
+    assert "read_head_file" not in fake.names()  # no TLS by default on a private endpoint
+    port = deployment.details["tunnel_port"]
+    assert deployment.endpoint == f"http://127.0.0.1:{port}/v1"
+    assert not fake.tunnels[0].alive()  # up's own tunnel is closed when up returns
+
+    status = CloudBackend().status(store.load(recipe.name))
+    assert status["healthy"] is True and status["network"] == "private"
+    assert status["endpoint"] == deployment.endpoint
+    assert len([c for c in fake.calls if c.method == "open_tunnel"]) == 2  # status probed over its own
+
+
+def test_up_vpc_uses_the_private_address_and_skypilots_internal_ip_config(fake, vm, store):
+    vm.start()
+    recipe = make_recipe(network="vpc", port=vm.port, extra={})
+    deployment = CloudBackend().up(recipe, store, Phases())
+
+    launch = next(c for c in fake.calls if c.method == "launch")
+    assert launch.args["global_config"] == {"aws": {"use_internal_ips": True}}
+    assert "ports" not in launch.args["task_config"]["resources"]
+    assert deployment.endpoint == f"http://127.0.0.1:{vm.port}/v1"
+    assert "endpoint" not in fake.names() and "open_tunnel" not in fake.names()
+    assert CloudBackend().status(store.load(recipe.name))["ip"] == "127.0.0.1"
+
+
+def test_ttl_and_spot_reach_the_launched_task(fake, vm, store, tmp_path):
+    vm.start(tls_dir=tmp_path / "tls")
+    recipe = make_recipe(ttl="4h", spot=True)
+    CloudBackend().up(recipe, store, Phases())
+
+    task = fake.tasks["md-mistral-7b-instruct"]
+    assert [r.use_spot for r in task.resources] == [True, False]  # spot first, on-demand fallback
+    for res in task.resources:
+        stop = res.autostop_config
+        assert (stop.idle_minutes, stop.down, stop.wait_for.value) == (240, True, "none")
+    status = CloudBackend().status(store.load(recipe.name))
+    assert status["autostop_minutes"] == 240 and status["spot"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# status, logs, down
+
+
+def test_status_ip_logs_and_down(fake, vm, store, tmp_path):
+    vm.start(tls_dir=tmp_path / "tls")
+    recipe = make_recipe()
+    backend = CloudBackend()
+    backend.up(recipe, store, Phases())
+    deployment = store.load(recipe.name)
+
+    status = backend.status(deployment)
+    assert status["healthy"] is True
+    assert status["ip"] == "127.0.0.1"  # the cluster's head address
+    assert status["cluster_status"] == "UP"
+    assert {"name", "backend", "phase", "healthy", "endpoint", "ip"} <= set(status)
+
+    lines = list(backend.logs(deployment, follow=False, lines=2))
+    assert lines == fake.job_lines[-2:]
+
+    vm.ready = False
+    assert backend.status(deployment)["healthy"] is False
+
+    progress = Phases()
+    backend.down(deployment, store, progress)
+    assert next(c for c in fake.calls if c.method == "down").args == {"cluster_name": "md-mistral-7b-instruct"}
+    assert store.list() == []
+    assert "md-mistral-7b-instruct" not in fake.clusters
+
+
+def test_status_of_a_cluster_gone_behind_our_back(fake, vm, store, tmp_path):
+    vm.start(tls_dir=tmp_path / "tls")
+    recipe = make_recipe()
+    CloudBackend().up(recipe, store, Phases())
+    fake.clusters.clear()  # e.g. the TTL's autodown fired
+    status = CloudBackend().status(store.load(recipe.name))
+    assert status["cluster_status"] == "missing" and status["healthy"] is False
+
+
+# --------------------------------------------------------------------------------------------------
+# failures
+
+
+def test_quota_error_is_one_line_exit_9_and_leaves_no_record(fake, vm, store):
+    from sky import exceptions as sx
+
+    def refuse() -> None:
+        fake.clusters.pop("md-mistral-7b-instruct", None)  # SkyPilot's failover cleans up what it started
+        raise sx.ResourcesUnavailableError(
+            "Failed to provision all possible launchable resources.",
+            failover_history=[Exception("An error occurred (VcpuLimitExceeded) when calling the RunInstances "
+                                        "operation: You have requested more vCPU capacity than your current "
+                                        "vCPU limit of 0 allows")])
+
+    fake.launch_raises = refuse
+    with pytest.raises(CloudError) as info:
+        CloudBackend().up(make_recipe(), store, Phases())
+    assert info.value.exit_code == 9
+    assert "\n" not in info.value.message and "quota" in info.value.message
+    assert store.list() == []  # nothing was created, so nothing is recorded
+
+
+def test_failure_after_provisioning_keeps_the_record_for_down(fake, vm, store):
+    def setup_failed() -> None:
+        raise RuntimeError("Failed to set up the cluster: docker: command not found")
+
+    fake.launch_raises = setup_failed  # the cluster exists (INIT) when the launch fails
+    with pytest.raises(CloudError) as info:
+        CloudBackend().up(make_recipe(), store, Phases())
+    assert "docker: command not found" in info.value.message
+    assert "mistral-deploy down mistral-7b-instruct" in (info.value.hint or "")
+    record = store.load("mistral-7b-instruct")
+    assert record.phase == "failed"
+    CloudBackend().down(record, store, Phases())
+    assert store.list() == [] and "down" in fake.names()
+
+
+def test_ctrl_c_during_launch_leaves_the_deployment_recorded_and_down_cleans_it(fake, vm, store):
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    fake.launch_raises = interrupt
+    progress = Phases()
+    with pytest.raises(KeyboardInterrupt):
+        CloudBackend().up(make_recipe(), store, progress)
+
+    record = store.load("mistral-7b-instruct")
+    assert record.phase == "failed" and "interrupted" in record.details["error"]
+    assert record.details["cluster"] == "md-mistral-7b-instruct"
+    assert "mistral-deploy down mistral-7b-instruct" in progress.fail_message
+
+    backend = backend_for_kind(record.backend)
+    backend.down(record, store, Phases())
+    assert next(c for c in fake.calls if c.method == "down").args["cluster_name"] == "md-mistral-7b-instruct"
+    assert store.list() == []
+
+
+def test_engine_that_dies_fails_readiness_with_the_log_tail_and_keeps_the_cluster(fake, vm, store):
+    vm.start()
+    vm.ready = False
+    fake.job_ends = True
+    fake.job_lines = fake.job_lines + ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    recipe = make_recipe(network="private")
+    started = time.monotonic()
+    with pytest.raises(NotReadyError) as info:
+        CloudBackend().up(recipe, store, Phases())
+    assert time.monotonic() - started < FAST_HEALTH["readiness_timeout"]  # the dead job ends the wait early
+    assert "CUDA out of memory" in info.value.log_tail
+    assert info.value.exit_code == 8
+    assert "mistral-deploy down" in (info.value.hint or "")
+    assert store.load(recipe.name).phase == "failed"
+    assert "down" not in fake.names()
+
+
+def test_missing_hf_token_is_reported_before_anything_is_created(fake, vm, store, monkeypatch):
+    monkeypatch.delenv(HF_TOKEN_SECRET)
+    with pytest.raises(MistralDeployError, match="HF_TOKEN"):
+        CloudBackend().up(make_recipe(), store, Phases())
+    assert store.list() == [] and fake.calls == []
+
+
+# --------------------------------------------------------------------------------------------------
+# SkyServe
+
+
+def _service_recipe(**extra: Any) -> Recipe:
+    return make_recipe(extra={"replicas": {"min": 2, "max": 4, "target_qps": 5}, **extra})
+
+
+def test_serve_up_status_down(fake, vm, store):
+    vm.start()
+    fake.controller_host = "127.0.0.1"  # the user's SkyServe controller is already up
+    recipe = _service_recipe()
+    backend = ServeBackend()
+    progress = Phases()
+    deployment = backend.up(recipe, store, progress)
+
+    up = next(c for c in fake.calls if c.method == "serve_up")
+    keys = store.read_api_keys(recipe.name)
+    probe_key = probe_key_of(up)
+    assert probe_key not in keys  # SkyServe's probe has a key of its own
+    assert up.args["secrets"][API_KEYS_SECRET].split() == keys + [probe_key]
+    assert up.args["task_config"]["secrets"] == {API_KEYS_SECRET: None, PROBE_KEY_SECRET: None, HF_TOKEN_SECRET: None}
+    task = fake.tasks["md-mistral-7b-instruct"]
+    assert task.service.readiness_headers == {"Authorization": f"Bearer {probe_key}"}
+    assert (task.service.min_replicas, task.service.max_replicas) == (2, 4)
+    assert "ports" not in up.args["task_config"]["resources"]  # SkyServe opens the service port
+    # TLS ends at the load balancer, with a certificate made here for the controller's address
+    tls = up.args["task_config"]["service"]["tls"]
+    assert Path(tls["keyfile"]).parent == store.dir(recipe.name) / "service-tls"
+    assert stat.S_IMODE(os.stat(tls["keyfile"]).st_mode) == 0o600
+    assert deployment.endpoint == f"https://127.0.0.1:{vm.port}/v1"
+    assert _authed_models(deployment.endpoint, keys[0], deployment.tls_ca).status_code == 200
+    assert deployment.phase == "ready" and deployment.details["replicas"] == 2
+    assert "serve_up" in fake.names() and fake.names().count("serve_up") == 1
+
+    status = backend.status(store.load(recipe.name))
+    assert status["healthy"] is True and status["service_status"] == "READY"
+    assert [r["status"] for r in status["replicas"]] == ["READY", "READY"]
+    assert status["ip"] == "127.0.0.1"
+    assert list(backend.logs(store.load(recipe.name), follow=False, lines=1)) == fake.job_lines[-1:]
+
+    backend.down(store.load(recipe.name), store, Phases())
+    assert next(c for c in fake.calls if c.method == "serve_down").args == {"service_name": "md-mistral-7b-instruct"}
+    assert store.list() == [] and fake.services == {}
+
+
+def test_serve_first_service_reissues_the_certificate_for_the_new_controller(fake, vm, store):
+    vm.start()
+    recipe = _service_recipe()
+    deployment = ServeBackend().up(recipe, store, Phases())
+    assert fake.names().count("serve_up") == 2
+    assert [c.args["service_name"] for c in fake.calls if c.method == "serve_down"] == ["md-mistral-7b-instruct"]
+    assert deployment.details["service"] == "md-mistral-7b-instruct-tls"
+    keys = store.read_api_keys(recipe.name)
+    assert _authed_models(deployment.endpoint, keys[0], deployment.tls_ca).status_code == 200
+
+
+def test_serve_spot_replicas_fall_back_to_on_demand(fake, vm, store):
+    vm.start()
+    fake.controller_host = "127.0.0.1"
+    recipe = make_recipe(spot=True, extra={"replicas": 2})
+    ServeBackend().up(recipe, store, Phases())
+    task = fake.tasks["md-mistral-7b-instruct"]
+    assert all(r.use_spot for r in task.resources)
+    assert task.service.dynamic_ondemand_fallback is True
+
+
+@pytest.mark.parametrize("extra", [{"lifetime": {"ttl": "4h"}}, {"network": {"allow": ["203.0.113.0/24"]}}])
+def test_serve_refuses_what_skyserve_cannot_enforce(fake, vm, store, extra):
+    with pytest.raises(RecipeError):
+        ServeBackend().up(_service_recipe(**extra), store, Phases())
+    assert store.list() == [] and fake.calls == []
+
+
+# --------------------------------------------------------------------------------------------------
+# the tunnel command
+
+
+def test_tunnel_command_forwards_a_local_port_until_it_ends(fake, vm, store):
+    from typer.testing import CliRunner
+
+    from mistral_deploy.cli import _register, app
+
+    vm.start()
+    recipe = make_recipe(network="private")
+    deployment = CloudBackend().up(recipe, store, Phases())
+    keys = store.read_api_keys(recipe.name)
+    _register()
+    local = skysdk.free_port()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        result["r"] = CliRunner().invoke(app, ["tunnel", recipe.name, "--port", str(local)])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not skysdk.port_open("127.0.0.1", local) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    response = _authed_models(f"http://127.0.0.1:{local}/v1", keys[0], None)
+    assert response.status_code == 200
+    fake.close_tunnels()  # what Ctrl-C / the end of ssh does
+    thread.join(timeout=10)
+    r = result["r"]
+    assert r.exit_code == 0, r.output
+    assert f"http://127.0.0.1:{local}/v1" in r.output
+    assert deployment.details["tunnel_port"] != local
+
+
+def test_tunnel_command_refuses_a_public_endpoint(fake, vm, store, tmp_path):
+    from typer.testing import CliRunner
+
+    from mistral_deploy.cli import _register, app
+
+    vm.start(tls_dir=tmp_path / "tls")
+    CloudBackend().up(make_recipe(), store, Phases())
+    _register()
+    r = CliRunner().invoke(app, ["tunnel", "mistral-7b-instruct"])
+    assert r.exit_code != 0

@@ -475,7 +475,8 @@ def validate_recipe_data(raw: dict[str, Any], source: str, overrides: Optional[O
 
 def format_validation_error(exc: ValidationError, source: str, overrides: Overrides) -> str:
     errors = exc.errors(include_url=False)
-    first = errors[0]
+    # an unknown key usually explains a "missing" one (a typo), so it is the one to report
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-")))
     where = _location(loc, overrides)
     message = _describe(first, loc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,7 @@ def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
 @pytest.fixture
 def cli_path() -> str:
     """The installed console script (tests run it for real in a subprocess)."""
-    path = shutil.which("mistral-deploy")
+    # the venv's bin folder need not be on PATH (`.venv/bin/python -m pytest`)
+    path = shutil.which("mistral-deploy") or shutil.which("mistral-deploy", path=str(Path(sys.executable).parent))
     assert path, "mistral-deploy is not installed: pip install -e '.[test]'"
     return path

@@ -28,26 +28,49 @@ def render(
     allow: Allow = None,
     ttl: Ttl = None,
     port: Port = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write task.yaml into this folder.")] = None,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Write task.yaml (service.yaml with replicas) into this folder, and config.yaml "
+                                   "when SkyPilot needs global config (VPC settings)."),
+    ] = None,
 ) -> None:
     """Print the SkyPilot task YAML (secrets only as null `secrets:` entries), or write it with --out."""
     from mistral_deploy.fit import check_fit
-    from mistral_deploy.render import dump_yaml, render_task
+    from mistral_deploy.render import cloud_config, dump_yaml, render_task
 
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
                                     network=network, allow=allow, ttl=ttl, port=port))
     check_fit(loaded.recipe)
-    text = dump_yaml(render_task(loaded.recipe))
+    files = {("service.yaml" if loaded.recipe.replicas else "task.yaml"): dump_yaml(render_task(loaded.recipe))}
+    config = cloud_config(loaded.recipe)
+    if config:
+        files["config.yaml"] = dump_yaml(config)
     output = Output()
     if out_dir is None:
-        output.data(text)
+        output.data(next(iter(files.values())))
+        if config:
+            output.info("launch it with this SkyPilot config, which is not a task field: " + ", ".join(_flatten(config)))
         return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / ("service.yaml" if loaded.recipe.replicas else "task.yaml")
-        tmp = target.with_suffix(".yaml.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)
+        for filename, text in files.items():
+            target = out_dir / filename
+            tmp = target.with_suffix(".yaml.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(target)
+            output.info(f"wrote {target}")
     except OSError as exc:
         raise MistralDeployError(f"--out: cannot write {out_dir}: {exc.strerror}") from None
-    output.info(f"wrote {target}")
+
+
+def _flatten(config: dict[str, object], prefix: str = "") -> list[str]:
+    """{'aws': {'use_internal_ips': True}} -> ['aws.use_internal_ips=true'] (the `sky --config` form)."""
+    import json
+
+    items: list[str] = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={json.dumps(value)}")
+    return items

@@ -51,6 +51,8 @@ VM_CERT_PATH = VM_STATE_DIR.replace("$HOME", "~") + "/gateway/tls/cert.pem"
 CA_FILE = "tls/ca.pem"  # under the deployment's folder
 LOG_TAIL_LINES = 40
 _PHASE_RE = re.compile(r"mistral-deploy: phase ([a-z][a-z-]*)")
+# SkyPilot's lines once the VM is provisioned: runtime and our setup follow.
+_SKY_SETUP_MARKERS = ("Cluster launched", "Running setup", "Setup detached", "Job submitted")
 # Phases the run script reaches only once setup (image pulls, TLS certificate) is done.
 _RUN_PHASES = ("engine-start", "weights")
 # SkyServe replica states -> our phases.
@@ -206,6 +208,7 @@ class CloudBackend(_CloudBase):
     """A deployment on one SkyPilot cluster (sky.launch / status / endpoints / down / tail_logs)."""
 
     kind = "cloud"
+    _CERT_RETRY = 10.0  # seconds between certificate reads when the job's log cannot be followed
 
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
         from mistral_deploy.fit import check_fit
@@ -236,9 +239,13 @@ class CloudBackend(_CloudBase):
             phase("provisioning", f"{cluster_name} on {where}")
 
             def on_sky_line(line: str) -> None:
-                if "Job submitted" in line or "Running setup" in line:
-                    if deployment.details.get("last_phase") == "provisioning":
-                        phase("setup", line)
+                # SkyPilot's own progress lines (sky/backends/cloud_vm_ray_backend.py, provisioner.py)
+                if deployment.details.get("last_phase") != "provisioning":
+                    return
+                if any(marker in line for marker in _SKY_SETUP_MARKERS):
+                    phase("setup", line)
+                elif "Launching on" in line:
+                    phase("provisioning", line)
 
             try:
                 result = sdk.launch(task_config, cluster_name=cluster_name, secrets=secrets,
@@ -258,11 +265,8 @@ class CloudBackend(_CloudBase):
             deadline = time.monotonic() + recipe.health.readiness_timeout
             tls = vm_gateway_tls(recipe)
             if tls:
-                # the certificate exists once setup is done, i.e. once the run script starts
-                if not job_log.wait_for(_RUN_PHASES, deadline):
-                    raise NotReadyError(
-                        f"{recipe.name}: setup did not finish on {cluster_name}", log_tail=job_log.tail())
-                deployment.tls_ca = self._store_ca(store, recipe.name, sdk.read_head_file(cluster_name, VM_CERT_PATH))
+                pem = self._vm_certificate(cluster_name, job_log, deadline)
+                deployment.tls_ca = self._store_ca(store, recipe.name, pem)
 
             endpoint, tunnel = self._connect(recipe, cluster, tls)
             if mode == "private":
@@ -308,6 +312,20 @@ class CloudBackend(_CloudBase):
                 job_log.close()
             if tunnel is not None:
                 tunnel.close()
+
+    def _vm_certificate(self, cluster_name: str, job_log: _JobLog, deadline: float) -> str:
+        """The gateway's certificate, made by the setup script: read once the run script has started."""
+        while True:
+            started = job_log.wait_for(_RUN_PHASES, deadline)
+            if not started and job_log.failed is None:
+                raise NotReadyError(f"setup did not finish on {cluster_name}", log_tail=job_log.tail())
+            try:
+                return self.sdk.read_head_file(cluster_name, VM_CERT_PATH)
+            except CloudError:
+                # without the job's log to say when setup is done, ask again until the deadline
+                if started or time.monotonic() + self._CERT_RETRY > deadline:
+                    raise
+                time.sleep(self._CERT_RETRY)
 
     def _after_failed_launch(self, deployment: Deployment, store: "StateStore", cluster_name: str,
                              exc: CloudError) -> None:

@@ -262,6 +262,7 @@ class FakeSky:
                           "mistral-deploy: phase engine-start", "mistral-deploy: phase weights",
                           "INFO Loading weights took 12.3 seconds", "INFO Application startup complete."]
         self.job_ends = False  # True: the job's log ends (the run script exited: the engine died)
+        self.job_log_breaks = False  # True: following the job's log fails (e.g. the API server restarted)
         self.launch_raises: Optional[Callable[[], None]] = None  # runs inside the SDK's error translation
         self.controller_host: Optional[str] = None  # SkyServe controller already up at this address
         self.serve_host = "127.0.0.1"
@@ -323,6 +324,8 @@ class FakeSky:
     def tail_job(self, cluster_name: str, job_id: Optional[int], *, follow: bool, lines: int = 0,
                  stop: Optional[threading.Event] = None) -> Iterator[str]:
         self._record("tail_job", cluster_name=cluster_name, job_id=job_id, follow=follow, lines=lines)
+        if self.job_log_breaks:
+            raise skysdk.CloudError("logs: cannot use the SkyPilot API server (connection refused)")
         out = self.job_lines[-lines:] if lines else self.job_lines
         yield from out
         if follow and not self.job_ends:

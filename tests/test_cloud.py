@@ -310,6 +310,13 @@ def test_engine_that_dies_fails_readiness_with_the_log_tail_and_keeps_the_cluste
     assert "down" not in fake.names()
 
 
+def test_up_still_pins_and_probes_when_the_job_log_cannot_be_followed(fake, vm, store, tmp_path):
+    vm.start(tls_dir=tmp_path / "tls")
+    fake.job_log_breaks = True
+    deployment = CloudBackend().up(make_recipe(), store, Phases())
+    assert deployment.phase == "ready" and Path(deployment.tls_ca).read_text() == vm.cert_pem
+
+
 def test_missing_hf_token_is_reported_before_anything_is_created(fake, vm, store, monkeypatch):
     monkeypatch.delenv(HF_TOKEN_SECRET)
     with pytest.raises(MistralDeployError, match="HF_TOKEN"):

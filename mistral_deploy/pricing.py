@@ -52,8 +52,8 @@ class Offer:
             "region": self.region,
             "instance_type": self.instance_type,
             "gpu": str(self.gpu),
-            "price_per_hour": round(self.price, 4),
-            "spot_price_per_hour": None if self.spot_price is None else round(self.spot_price, 4),
+            "price_per_hour": round(self.price, 6),
+            "spot_price_per_hour": None if self.spot_price is None else round(self.spot_price, 6),
             "monthly": round(self.monthly(spot=spot, replicas=replicas), 2),
         }
 

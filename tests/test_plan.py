@@ -1,0 +1,186 @@
+"""`plan`: the fit check, then prices from SkyPilot's catalog (the seeded fixture), cheapest first.
+
+Expected prices are computed from tests/fixtures/catalog, never hard-coded: AWS lists a price per instance
+and region (spot: the cheapest zone), GCP prices a GPU as the accelerator plus its host VM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _catalog import CATALOG_FIXTURE, CATALOG_VERSION, sky_catalog, sky_session  # noqa: F401  (fixtures)
+from _cli import run_cli
+from mistral_deploy.errors import CloudError, FitError, RecipeError
+from mistral_deploy.pricing import HOURS_PER_MONTH, Offer, cheapest_first, cheapest_per_region
+from mistral_deploy.recipe import GpuRequest
+
+CATALOG = CATALOG_FIXTURE / CATALOG_VERSION
+
+
+def _rows(cloud: str) -> list[dict[str, str]]:
+    with (CATALOG / cloud / "vms.csv").open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _aws_prices(instance: str, region: str) -> tuple[float, float]:
+    rows = [r for r in _rows("aws") if r["InstanceType"] == instance and r["Region"] == region]
+    assert rows, (instance, region)
+    return float(rows[0]["Price"]), min(float(r["SpotPrice"]) for r in rows if r["SpotPrice"])
+
+
+def _gcp_prices(host: str, gpu: str, count: int, region: str) -> tuple[float, float]:
+    rows = _rows("gcp")
+    acc = [r for r in rows if r["AcceleratorName"] == gpu and r["AcceleratorCount"] == str(count)
+           and r["Region"] == region]
+    vm = [r for r in rows if r["InstanceType"] == host and r["Region"] == region]
+    assert acc and vm
+    return (float(acc[0]["Price"]) + float(vm[0]["Price"]), float(acc[0]["SpotPrice"]) + float(vm[0]["SpotPrice"]))
+
+
+def _plan_json(*args: str) -> dict[str, Any]:
+    result = run_cli("plan", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_prices_come_from_the_catalog(sky_session: Any) -> None:
+    plan = _plan_json("mistral-7b")
+    offers = {(o["cloud"], o["region"], o["instance_type"]): o for o in plan["offers"]}
+    on_demand, spot = _aws_prices("g5.xlarge", "us-east-1")
+    assert offers[("aws", "us-east-1", "g5.xlarge")]["price_per_hour"] == pytest.approx(on_demand)
+    assert offers[("aws", "us-east-1", "g5.xlarge")]["spot_price_per_hour"] == pytest.approx(spot)
+    on_demand, spot = _gcp_prices("g2-standard-4", "L4", 1, "us-central1")
+    gcp = offers[("gcp", "us-central1", "g2-standard-4")]
+    assert (gcp["price_per_hour"], gcp["spot_price_per_hour"]) == (pytest.approx(on_demand), pytest.approx(spot))
+    assert gcp["monthly"] == pytest.approx(on_demand * HOURS_PER_MONTH, abs=0.01)
+    assert {o["gpu"] for o in plan["offers"]} == {"A10G:1", "L4:1"}
+    assert plan["hours_per_month"] == HOURS_PER_MONTH and plan["clouds"] == ["aws", "gcp", "azure"]
+
+
+def test_cheapest_first_on_demand_and_spot(sky_session: Any) -> None:
+    hourly = [o["price_per_hour"] for o in _plan_json("mistral-7b")["offers"]]
+    assert hourly == sorted(hourly)
+    spot = _plan_json("mistral-7b", "--spot")
+    assert spot["spot"] is True
+    spot_hourly = [o["spot_price_per_hour"] for o in spot["offers"]]
+    assert spot_hourly == sorted(spot_hourly)
+    assert all(o["monthly"] == pytest.approx(o["spot_price_per_hour"] * HOURS_PER_MONTH, abs=0.01)
+               for o in spot["offers"])
+
+
+def test_one_row_per_region_unless_all(sky_session: Any) -> None:
+    cheapest = _plan_json("mistral-7b", "--gpu", "A10G", "--cloud", "aws")["offers"]
+    assert len({(o["region"], o["gpu"]) for o in cheapest}) == len(cheapest)
+    assert {o["instance_type"] for o in cheapest} == {"g5.xlarge"}  # g5.2xlarge costs more everywhere
+    every = _plan_json("mistral-7b", "--gpu", "A10G", "--cloud", "aws", "--all")["offers"]
+    assert {o["instance_type"] for o in every} == {"g5.xlarge", "g5.2xlarge"}
+
+
+def test_cloud_and_region_filters(sky_session: Any) -> None:
+    plan = _plan_json("mixtral-8x7b-instruct", "--cloud", "gcp")
+    assert {o["cloud"] for o in plan["offers"]} == {"gcp"} and plan["clouds"] == ["gcp"]
+    assert {o["gpu"] for o in plan["offers"]} == {"A100-80GB:2", "H100:2"}
+    plan = _plan_json("mistral-7b", "--region", "us-east-2")
+    assert {(o["cloud"], o["region"]) for o in plan["offers"]} == {("aws", "us-east-2")}
+
+
+def test_a_gpu_without_a_spot_market_shows_none(sky_session: Any) -> None:
+    offers = _plan_json("mistral-7b", "--gpu", "H100", "--cloud", "aws")["offers"]
+    assert offers[0]["instance_type"] == "p5.4xlarge" and offers[0]["spot_price_per_hour"] is None
+
+
+def test_only_candidates_that_fit_are_priced(sky_session: Any, tmp_path: Path) -> None:
+    path = tmp_path / "two-candidates.yaml"
+    path.write_text("name: seven\nmodel: {id: mistralai/Mistral-7B-Instruct-v0.3, max_model_len: 16384}\n"
+                    "resources: {gpu: [T4:1, A10G:1]}\n", encoding="utf-8")
+    plan = _plan_json(str(path))
+    assert {e["gpu"]: e["fits"] for e in plan["estimates"]} == {"T4:1": False, "A10G:1": True}
+    assert {o["gpu"] for o in plan["offers"]} == {"A10G:1"}
+
+
+def test_local_recipe_is_priced_on_every_cloud(sky_session: Any) -> None:
+    plan = _plan_json("tiny-mistral")
+    assert plan["clouds"] == ["aws", "gcp", "azure"]
+    assert {o["cloud"] for o in plan["offers"]} == {"aws", "azure"}  # the fixture has T4 on these two
+
+
+def test_table_output(sky_session: Any) -> None:
+    result = run_cli("plan", "mistral-7b-instruct", "--gpu", "A10G")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "A10G:1: fits: weights" in out
+    for header in ("cloud", "region", "instance type", "GPU", "$/h on-demand", "$/h spot", "est. $/month"):
+        assert header in out
+    on_demand, spot = _aws_prices("g5.xlarge", "us-east-1")
+    row = next(line for line in out.splitlines() if "us-east-1" in line)
+    assert "g5.xlarge" in row and f"{on_demand:.3f}" in row and f"{spot:.3f}" in row
+    assert f"{on_demand * HOURS_PER_MONTH:,.0f}" in row
+
+
+def test_plan_does_not_fit(sky_session: Any) -> None:
+    result = run_cli("plan", "mixtral-8x7b-instruct", "--gpu", "A10G")
+    assert result.exit_code == FitError.exit_code
+    assert "would fit: A100-80GB:2" in result.stderr and result.stdout == ""
+
+
+def test_no_offer_is_a_clear_error(sky_session: Any) -> None:
+    result = run_cli("plan", "mistral-7b", "--gpu", "A10G", "--cloud", "gcp")
+    assert result.exit_code == RecipeError.exit_code
+    assert "no offer for A10G:1 on gcp" in result.stderr and "Traceback" not in result.output
+
+
+def test_unpriced_cloud_is_a_clear_error(sky_session: Any) -> None:
+    result = run_cli("plan", "mistral-7b", "--cloud", "kubernetes")
+    assert result.exit_code == RecipeError.exit_code
+    assert "--cloud" in result.stderr and "aws, gcp, azure" in result.stderr
+
+
+def test_plan_needs_a_gpu(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.yaml"
+    path.write_text("name: cpu-only\nmodel: {id: mistralai/Mistral-7B-v0.1}\n", encoding="utf-8")
+    result = run_cli("plan", str(path))
+    assert result.exit_code == RecipeError.exit_code and "--gpu" in result.stderr
+
+
+def test_ordering_helpers() -> None:
+    a = Offer("aws", "us-east-1", "a", GpuRequest(name="A10G"), price=1.0, spot_price=0.5)
+    b = Offer("aws", "us-east-1", "b", GpuRequest(name="A10G"), price=0.9, spot_price=None)
+    c = Offer("gcp", "us-east1", "c", GpuRequest(name="L4"), price=1.2, spot_price=0.3)
+    assert [o.instance_type for o in cheapest_first([a, b, c], spot=False)] == ["b", "a", "c"]
+    # no spot market: the on-demand price is what one pays
+    assert [o.instance_type for o in cheapest_first([a, b, c], spot=True)] == ["c", "a", "b"]
+    assert [o.instance_type for o in cheapest_per_region([a, b, c], spot=False)] == ["b", "c"]
+    assert b.monthly(spot=True, replicas=2) == pytest.approx(0.9 * HOURS_PER_MONTH * 2)
+
+
+def _run_plan_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    code = "from mistral_deploy.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, "plan", *args], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ))
+
+
+def test_plan_in_a_fresh_process_reads_the_seeded_catalog_without_an_api_server(sky_catalog: Path) -> None:
+    proc = _run_plan_subprocess("mistral-7b", "--cloud", "aws", "--json")
+    assert proc.returncode == 0, proc.stderr
+    offers = json.loads(proc.stdout)["offers"]
+    assert offers and {o["cloud"] for o in offers} == {"aws"}
+    home = Path(os.environ["HOME"])
+    for root in (home, sky_catalog):
+        assert not (root / ".sky" / "api_server").exists(), "plan must not start SkyPilot's API server"
+    assert not (sky_catalog / ".sky" / "catalogs" / CATALOG_VERSION / ".meta").exists(), "nothing was fetched"
+
+
+def test_missing_catalog_fails_clearly_without_fetching() -> None:
+    proc = _run_plan_subprocess("mistral-7b", "--cloud", "aws")  # this test's SkyPilot home has no catalog
+    assert proc.returncode == CloudError.exit_code
+    assert "SkyPilot's aws catalog is not downloaded yet" in proc.stderr and "sky show-gpus" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (Path(os.environ["SKY_RUNTIME_DIR"]) / ".sky" / "catalogs").exists()

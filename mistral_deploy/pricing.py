@@ -22,9 +22,6 @@ from mistral_deploy.recipe import GpuRequest
 PRICED_CLOUDS = ("aws", "gcp", "azure")
 HOURS_PER_MONTH = 730
 
-# What SkyPilot calls each cloud in its catalog results.
-_CATALOG_CLOUD_NAMES = {"aws": "aws", "gcp": "gcp", "azure": "azure"}
-
 
 @dataclass(frozen=True)
 class Offer:
@@ -95,10 +92,9 @@ def find_offers(gpus: list[GpuRequest], clouds: list[str], region: Optional[str]
     offers: list[Offer] = []
     for gpu in gpus:
         for info in _list_accelerators(gpu, clouds, region):
-            cloud = str(info.cloud).lower()
             offers.append(
                 Offer(
-                    cloud=_CATALOG_CLOUD_NAMES.get(cloud, cloud),
+                    cloud=str(info.cloud).lower(),  # SkyPilot says AWS, GCP, Azure
                     region=str(info.region),
                     instance_type=str(info.instance_type),
                     gpu=GpuRequest(name=str(info.accelerator_name), count=gpu.count),

@@ -85,10 +85,12 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
 
 
 def render_keys_map(keys: list[str]) -> str:
-    """The include file for the gateway's key map: one `"Bearer KEY" 1;` line per key."""
+    """The include file for the gateway's key map: one `"~^(?i:bearer) KEY$" 1;` line per key.
+
+    A regex, because nginx matches a map's plain strings case-insensitively; keys hold no regex syntax."""
     lines = []
     for key in keys:
         if not _KEY_RE.match(key):
             raise ValueError("an API key must be 20-200 characters of A-Z, a-z, 0-9, '_' or '-'")
-        lines.append(f'"Bearer {key}" 1;')
+        lines.append(f'"~^(?i:bearer) {key}$" 1;')
     return "\n".join(lines) + "\n"

@@ -89,7 +89,7 @@ def test_public_vm_scripts(vm: dict[str, Any]) -> None:
     # keys: into the gateway's 0600 map, from the environment
     key_map = md / "gateway" / "api_keys.map"
     assert stat.S_IMODE(key_map.stat().st_mode) == 0o600
-    assert key_map.read_text() == "".join(f'"Bearer {k}" 1;\n' for k in KEYS)
+    assert key_map.read_text() == "".join(f'"~^(?i:bearer) {k}$" 1;\n' for k in KEYS)
     assert "ssl_certificate" in (md / "gateway" / "nginx.conf").read_text()
 
     calls = _calls(vm)

@@ -66,6 +66,13 @@ class Output:
         self.err.print(f"[red]error:[/red] {escape(message)}")
 
     def abort(self, exc: MistralDeployError) -> NoReturn:
+        log_tail = getattr(exc, "log_tail", "")
+        if log_tail:
+            from rich.markup import escape
+
+            self.err.print("[dim]--- last log lines ---[/dim]")
+            self.err.print(escape(log_tail))
+            self.err.print("[dim]---[/dim]")
         self.error(exc.message)
         if exc.hint:
             self.info(exc.hint)

@@ -1,0 +1,80 @@
+"""What `up`, `run`, `status`, `env` and `down` share: signals as interrupts, summaries, client variables."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from mistral_deploy.state import Deployment, StateStore
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI runner cancelling the job) takes the same clean-up path as Ctrl-C."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def client_env(deployment: "Deployment", store: "StateStore") -> dict[str, str]:
+    """The variables the official OpenAI clients (and curl) read to reach this endpoint."""
+    from mistral_deploy.errors import MistralDeployError
+
+    keys = store.read_api_keys(deployment.name)
+    if not deployment.endpoint:
+        raise MistralDeployError(f"{deployment.name} has no endpoint yet (phase {deployment.phase})",
+                                 hint=f"`mistral-deploy status {deployment.name}`")
+    env = {"OPENAI_BASE_URL": deployment.endpoint, "OPENAI_API_KEY": keys[0] if keys else ""}
+    if deployment.tls_ca:
+        # httpx (the openai client) reads SSL_CERT_FILE, curl CURL_CA_BUNDLE, requests REQUESTS_CA_BUNDLE
+        env.update(SSL_CERT_FILE=deployment.tls_ca, CURL_CA_BUNDLE=deployment.tls_ca,
+                   REQUESTS_CA_BUNDLE=deployment.tls_ca, MISTRAL_DEPLOY_CA_FILE=deployment.tls_ca)
+    return env
+
+
+def summary(deployment: "Deployment") -> dict[str, Any]:
+    """What `up --json` and `run --json` say about a deployment: never a key."""
+    from mistral_deploy.recipe import Recipe
+
+    recipe = Recipe.model_validate(deployment.recipe)
+    return {
+        "name": deployment.name,
+        "backend": deployment.backend,
+        "phase": deployment.phase,
+        "endpoint": deployment.endpoint,
+        "model": recipe.served_model_name,
+        "tls_ca": deployment.tls_ca,
+        "network": recipe.network.mode,
+        "hourly_price": deployment.details.get("hourly_price"),
+    }
+
+
+def usage_lines(deployment: "Deployment") -> list[str]:
+    from mistral_deploy.recipe import Recipe
+
+    model = Recipe.model_validate(deployment.recipe).served_model_name
+    cacert = ' --cacert "$MISTRAL_DEPLOY_CA_FILE"' if deployment.tls_ca else ""
+    lines = [
+        f"endpoint: {deployment.endpoint}",
+        f"model:    {model}",
+        f'use it:   eval "$(mistral-deploy env {deployment.name})"',
+        f'          curl -s{cacert} $OPENAI_BASE_URL/models -H "Authorization: Bearer $OPENAI_API_KEY"',
+    ]
+    if deployment.tls_ca:
+        lines.append(f"TLS:      pin {deployment.tls_ca}")
+    if deployment.backend == "cloud" and deployment.details.get("network") == "private":
+        lines.append(f"reach it: mistral-deploy tunnel {deployment.name}")
+    lines.append(f"stop it:  mistral-deploy down {deployment.name}")
+    return lines

@@ -1,0 +1,59 @@
+"""`mistral-deploy status`: re-probe deployments; `--ip` like `sky status --ip`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mistral_deploy.cli import app
+from mistral_deploy.cli._output import Output
+
+
+@app.command()
+def status(
+    name: Annotated[Optional[str], typer.Argument(help="A deployment (default: all of them).")] = None,
+    ip: Annotated[bool, typer.Option("--ip", help="Print only the endpoint's IP address.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Show deployments and re-probe their health (the gateway's /health). Exit 5: no such deployment."""
+    from mistral_deploy.backends import backend_named
+    from mistral_deploy.errors import MistralDeployError
+    from mistral_deploy.state import StateStore
+
+    out = Output(json_mode=json_out)
+    store = StateStore()
+    deployments = [store.load(name)] if name else store.list()
+    if ip and not name and len(deployments) != 1:
+        names = ", ".join(d.name for d in deployments) or "none"
+        raise MistralDeployError(f"--ip needs one deployment; name it (deployments: {names})")
+    rows: list[dict[str, Any]] = []
+    for deployment in deployments:
+        try:
+            rows.append(backend_named(deployment.backend).status(deployment))
+        except MistralDeployError as exc:
+            rows.append({"name": deployment.name, "backend": deployment.backend, "phase": deployment.phase,
+                         "healthy": False, "endpoint": deployment.endpoint, "ip": None, "error": exc.message})
+    if ip:
+        if not rows[0].get("ip"):
+            raise MistralDeployError(f"{rows[0]['name']} has no IP address yet (phase {rows[0]['phase']})")
+        out.data(str(rows[0]["ip"]))
+        return
+    if json_out:
+        out.json(rows[0] if name else {"deployments": rows})
+        return
+    if not rows:
+        out.info("no deployments; create one with `mistral-deploy up`")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "BACKEND", "PHASE", "HEALTHY", "ENDPOINT", "IP"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["backend"], row["phase"], "yes" if row["healthy"] else "no",
+                      row.get("endpoint") or "-", row.get("ip") or "-")
+    out.print(table)
+    for row in rows:
+        if row.get("error") and row["phase"] == "failed":
+            out.info(f"{row['name']}: {row['error']}")

@@ -1,0 +1,355 @@
+"""The local backend: the real vLLM engine and the real nginx gateway as processes on this machine.
+
+    <deployment dir>/
+      engine.log                  the engine's output
+      tmp/                        the engine's TMPDIR
+      gateway/nginx.conf          rendered from templates/nginx.conf.j2 (no secret in it)
+      gateway/api_keys.map        0600: the keys, as the gateway's map include
+      gateway/tls/                ca.pem (clients pin it), cert.pem, key.pem (0600)
+      gateway/error.log, access.log (never a key: see the template's log_format)
+
+The engine binds 127.0.0.1 on a free port; the gateway is the only listener: 127.0.0.1 for a private
+endpoint, every address (with the allowed CIDRs enforced) for a public one. Keys reach nginx through the
+0600 include file, the Hugging Face token reaches the engine through its environment: never argv.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+from mistral_deploy import engine, processes
+from mistral_deploy.errors import EngineError, MistralDeployError, NotReadyError
+from mistral_deploy.gateway import GatewayLayout, listen_host_for, render_gateway_config, render_keys_map
+from mistral_deploy.keys import generate_api_key, generate_tls, write_private
+from mistral_deploy.processes import ProcessRef
+from mistral_deploy.render import HF_TOKEN_SECRET, engine_args
+from mistral_deploy.state import Deployment
+
+if TYPE_CHECKING:
+    from mistral_deploy.progress import Progress
+    from mistral_deploy.recipe import Recipe
+    from mistral_deploy.state import StateStore
+
+ENGINE_LOG = "engine.log"
+GATEWAY_DIR = "gateway"
+LOG_TAIL_LINES = 30
+# Locally a probe costs nothing: poll often, so that `up` returns soon after the engine first answers.
+LOCAL_PROBE_INTERVAL = 0.05
+GATEWAY_START_TIMEOUT = 10.0
+# What the engine inherits from the user's environment; everything else (cloud credentials, OpenAI
+# keys...) stays out of it.
+_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT",
+               "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+               "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")
+
+
+def find_nginx() -> str:
+    path = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/usr/local/nginx/sbin")
+    if not path:
+        raise EngineError("nginx (the gateway) is not installed",
+                          hint="install it: sudo apt-get install nginx (or scripts/install.sh)")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def local_ipv4_addresses() -> list[str]:
+    """This machine's IPv4 addresses (loopback first): the hosts a public local endpoint's certificate names."""
+    addresses = ["127.0.0.1"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _index, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+            address = socket.inet_ntoa(packed[20:24])
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
+def _recipe_of(deployment: Deployment) -> "Recipe":
+    from mistral_deploy.recipe import Recipe
+
+    return Recipe.model_validate(deployment.recipe)
+
+
+class LocalBackend:
+    kind = "local"
+
+    # ---------------------------------------------------------------------------------------------- up
+    def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
+        nginx = find_nginx()
+        python = engine.engine_python()
+        hf_env = self._hf_env(recipe)
+        mode = recipe.network.mode
+        if mode == "vpc":
+            raise EngineError("network.mode: vpc is for clouds; locally use private or public (--network)")
+        listen_host = listen_host_for(mode)
+        port = recipe.network.port
+        if port_in_use(listen_host, port):
+            raise EngineError(f"network.port (--port): port {port} on {listen_host} is in use; pick another")
+
+        deployment = Deployment(name=recipe.name, backend=self.kind, recipe=recipe.to_yaml_config(),
+                                details={"network": mode, "port": port, "listen_host": listen_host})
+        store.reserve(deployment)
+        directory = store.dir(recipe.name)
+        engine_ref: Optional[ProcessRef] = None
+        gateway_ref: Optional[ProcessRef] = None
+        try:
+            keys = [generate_api_key() for _ in range(recipe.auth.keys)]
+            store.write_api_keys(recipe.name, keys)
+
+            model = recipe.model.id
+            if recipe.builtin_model:
+                progress.phase("model", recipe.builtin_model)
+                model = str(engine.ensure_builtin_model(recipe.builtin_model, python,
+                                                        say=lambda line: progress.phase("model", line)))
+
+            engine_port = free_port()
+            layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, engine_port)
+            scheme = "https" if recipe.tls_enabled else "http"
+            deployment.endpoint = f"{scheme}://127.0.0.1:{port}/v1"
+            deployment.tls_ca = tls_ca
+            deployment.details["engine_port"] = engine_port
+
+            progress.phase("engine-start", f"vLLM on 127.0.0.1:{engine_port}")
+            (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
+            env = self._engine_env(recipe, directory, hf_env)
+            argv = [python, "-m", "vllm.entrypoints.openai.api_server",
+                    *engine_args(recipe, model=model, host="127.0.0.1", port=engine_port)]
+            engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory)
+            deployment.details["engine"] = engine_ref.to_json()
+            store.save(deployment)
+
+            progress.phase("gateway", f"nginx on {listen_host}:{port}")
+            gateway_ref = self._start_gateway(nginx, directory, layout)
+            deployment.details["gateway"] = gateway_ref.to_json()
+            store.save(deployment)
+
+            progress.phase("weights", "loading the model")
+            from mistral_deploy import probe
+
+            def both_alive() -> bool:
+                return processes.alive(engine_ref) and processes.alive(gateway_ref)
+
+            probe.wait_ready(
+                deployment.endpoint, keys[0], recipe.served_model_name, ca_file=tls_ca,
+                timeout=float(recipe.health.readiness_timeout),
+                interval=min(recipe.health.probe_interval, LOCAL_PROBE_INTERVAL),
+                probe_timeout=recipe.health.probe_timeout, alive=both_alive,
+                on_phase=lambda step: progress.phase("readiness", step),
+            )
+            deployment.phase = "ready"
+            deployment.details["ready_at"] = time.time()
+            store.save(deployment)
+            progress.done(ready_message(deployment))
+            return deployment
+        except NotReadyError as exc:
+            tail = processes.tail(directory / ENGINE_LOG, LOG_TAIL_LINES)
+            if not processes.alive(gateway_ref) and gateway_ref is not None:
+                tail += "\n" + processes.tail(directory / GATEWAY_DIR / "error.log", 10)
+            self._fail(deployment, store, exc.message, engine_ref, gateway_ref)
+            raise NotReadyError(
+                exc.message, log_tail=tail,
+                hint=f"`mistral-deploy logs {recipe.name}` has the whole log; "
+                     f"`mistral-deploy down {recipe.name}` removes the record",
+            ) from None
+        except KeyboardInterrupt:
+            # nothing local is worth keeping half-made: stop what started, forget the record
+            processes.stop(gateway_ref)
+            processes.stop(engine_ref)
+            store.remove(recipe.name)
+            progress.fail(f"interrupted: {recipe.name} was stopped and removed")
+            raise
+        except BaseException as exc:
+            message = exc.message if isinstance(exc, MistralDeployError) else f"{type(exc).__name__}: {exc}"
+            self._fail(deployment, store, message, engine_ref, gateway_ref)
+            if isinstance(exc, MistralDeployError) and not exc.hint:
+                exc.hint = f"`mistral-deploy down {recipe.name}` removes the record"
+            raise
+
+    @staticmethod
+    def _hf_env(recipe: "Recipe") -> dict[str, str]:
+        if not recipe.model.hf_token:
+            return {}
+        token = os.environ.get(HF_TOKEN_SECRET, "").strip()
+        if not token:
+            raise MistralDeployError(
+                f"{recipe.model.id} is gated on the Hugging Face Hub (model.hf_token: true) and HF_TOKEN is not set",
+                hint="export HF_TOKEN=hf_... (a token with access to the model); the engine gets it in its environment",
+            )
+        return {HF_TOKEN_SECRET: token}
+
+    @staticmethod
+    def _engine_env(recipe: "Recipe", directory: Path, hf_env: dict[str, str]) -> dict[str, str]:
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env["TMPDIR"] = str(directory / "tmp")
+        env["VLLM_CACHE_ROOT"] = str(engine.engine_dir() / "cache")
+        env["VLLM_NO_USAGE_STATS"] = "1"
+        env["DO_NOT_TRACK"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        if recipe.builtin_model:
+            env["HF_HUB_OFFLINE"] = "1"  # nothing to download: the model is a local folder
+        env.update(recipe.engine.env)
+        env.update(hf_env)
+        return env
+
+    @staticmethod
+    def _write_gateway(recipe: "Recipe", directory: Path, keys: list[str], listen_host: str, port: int,
+                       engine_port: int) -> tuple[GatewayLayout, Optional[str]]:
+        gw = directory / GATEWAY_DIR
+        gw.mkdir(mode=0o700, exist_ok=True)
+        (gw / "temp").mkdir(mode=0o700, exist_ok=True)
+        keys_file = write_private(gw / "api_keys.map", render_keys_map(keys))
+        tls_ca = cert = key = None
+        if recipe.tls_enabled:
+            hosts = local_ipv4_addresses() + ["localhost", socket.gethostname()]
+            files = generate_tls(gw / "tls", list(dict.fromkeys(hosts)), common_name=recipe.name)
+            cert, key, tls_ca = str(files.cert), str(files.key), str(files.ca_cert)
+        layout = GatewayLayout(
+            listen_host=listen_host, port=port, engine_host="127.0.0.1", engine_port=engine_port,
+            keys_file=str(keys_file), pid_file=str(gw / "nginx.pid"), error_log=str(gw / "error.log"),
+            access_log=str(gw / "access.log"), temp_dir=str(gw / "temp"), tls_cert=cert, tls_key=key,
+            worker_processes="auto",
+        )
+        config = render_gateway_config(recipe, layout)
+        (gw / "nginx.conf").write_text(config, encoding="utf-8")
+        return layout, tls_ca
+
+    @staticmethod
+    def _start_gateway(nginx: str, directory: Path, layout: GatewayLayout) -> ProcessRef:
+        gw = directory / GATEWAY_DIR
+        argv = [nginx, "-p", str(gw), "-e", layout.error_log, "-c", str(gw / "nginx.conf"), "-g", "daemon off;"]
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")}
+        ref = processes.spawn(argv, env=env, log=gw / "error.log", cwd=gw)
+        deadline = time.monotonic() + GATEWAY_START_TIMEOUT
+        connect_host = "127.0.0.1"
+        while not port_open(connect_host, layout.port):
+            if not processes.alive(ref):
+                detail = processes.tail(gw / "error.log", 3).strip().splitlines()
+                raise EngineError("the gateway (nginx) did not start: " + (detail[-1] if detail else "no output"))
+            if time.monotonic() > deadline:
+                processes.stop(ref)
+                raise EngineError(f"the gateway (nginx) did not listen on port {layout.port} "
+                                  f"within {GATEWAY_START_TIMEOUT:.0f}s")
+            time.sleep(0.02)
+        return ref
+
+    def _fail(self, deployment: Deployment, store: "StateStore", error: str,
+              engine_ref: Optional[ProcessRef], gateway_ref: Optional[ProcessRef]) -> None:
+        """Stop what started (a local process costs nothing to restart), keep the record and logs."""
+        processes.stop(gateway_ref)
+        processes.stop(engine_ref)
+        deployment.phase = "failed"
+        deployment.details["error"] = error
+        try:
+            store.save(deployment)
+        except MistralDeployError:
+            pass  # removed meanwhile by a concurrent `down`
+
+    # ------------------------------------------------------------------------------------ down/status
+    def down(self, deployment: Deployment, store: "StateStore", progress: "Progress") -> None:
+        gateway_ref = ProcessRef.from_json(deployment.details.get("gateway"))
+        engine_ref = ProcessRef.from_json(deployment.details.get("engine"))
+        progress.phase("teardown", "gateway and engine")
+        processes.stop(gateway_ref)
+        processes.stop(engine_ref)
+        store.remove(deployment.name)
+        progress.done(f"{deployment.name} stopped and removed")
+
+    def status(self, deployment: Deployment) -> dict[str, Any]:
+        from mistral_deploy import probe
+
+        details = deployment.details
+        engine_up = processes.alive(ProcessRef.from_json(details.get("engine")))
+        gateway_up = processes.alive(ProcessRef.from_json(details.get("gateway")))
+        healthy = (deployment.phase == "ready" and engine_up and gateway_up and deployment.endpoint is not None
+                   and probe.check_health(deployment.endpoint, ca_file=deployment.tls_ca))
+        mode = details.get("network", "private")
+        ip = "127.0.0.1" if mode == "private" else next(
+            (a for a in local_ipv4_addresses() if not a.startswith("127.")), "127.0.0.1")
+        return {
+            "name": deployment.name,
+            "backend": self.kind,
+            "phase": deployment.phase,
+            "healthy": bool(healthy),
+            "endpoint": deployment.endpoint,
+            "ip": ip,
+            "network": mode,
+            "model": _recipe_of(deployment).served_model_name,
+            "engine_running": engine_up,
+            "gateway_running": gateway_up,
+            "engine_pid": (details.get("engine") or {}).get("pid"),
+            "gateway_pid": (details.get("gateway") or {}).get("pid"),
+            "tls_ca": deployment.tls_ca,
+            "error": details.get("error"),
+        }
+
+    def logs(self, deployment: Deployment, *, follow: bool, lines: int) -> Iterator[str]:
+        from mistral_deploy.state import StateStore
+
+        path = StateStore().dir(deployment.name) / ENGINE_LOG
+        return follow_file(path, lines=lines, follow=follow,
+                           running=lambda: processes.alive(ProcessRef.from_json(deployment.details.get("engine"))))
+
+
+def follow_file(path: Path, *, lines: int, follow: bool, running: Any = lambda: True) -> Iterator[str]:
+    """The last `lines` lines of a file, then (follow) new lines as they come, until `running()` is False."""
+    for line in processes.tail(path, lines).splitlines() if lines else []:
+        yield line
+    if not follow:
+        return
+    try:
+        fh = open(path, "r", encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return
+    with fh:
+        fh.seek(0, os.SEEK_END)
+        partial = ""
+        while True:
+            chunk = fh.readline()
+            if chunk:
+                partial += chunk
+                if partial.endswith("\n"):
+                    yield partial.rstrip("\n")
+                    partial = ""
+                continue
+            if not running():
+                if partial:
+                    yield partial
+                return
+            time.sleep(0.2)
+
+
+def ready_message(deployment: Deployment) -> str:
+    return f"{deployment.name} is ready at {deployment.endpoint}"

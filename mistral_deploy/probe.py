@@ -1,0 +1,145 @@
+"""Readiness and health probes of an endpoint, as a client sees it (through the gateway).
+
+Ready means, in this order: the gateway's `/health` answers 200 (the engine is up), the authenticated
+model list names the served model, and a one-token completion succeeds. The same probe serves the
+local backend, a cloud VM (directly, or through an SSH tunnel) and a SkyServe service.
+
+TLS is verified against the deployment's pinned certificate (`ca_file`); nothing here turns
+verification off.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from mistral_deploy.errors import NotReadyError
+
+if TYPE_CHECKING:
+    import httpx
+
+# The probe's own steps, reported through on_phase while it waits.
+STEP_HEALTH = "health"
+STEP_MODELS = "models"
+STEP_COMPLETION = "first-token"
+
+
+class _Refused(Exception):
+    """An answer that waiting will not change (a rejected key, a model that is not served)."""
+
+
+def base_url(endpoint: str) -> str:
+    """https://host:port/v1 -> https://host:port (where /health lives)."""
+    endpoint = endpoint.rstrip("/")
+    return endpoint[: -len("/v1")] if endpoint.endswith("/v1") else endpoint
+
+
+def ssl_context(ca_file: Optional[str]) -> ssl.SSLContext | bool:
+    """What httpx verifies against: the pinned certificate when there is one, the system's CAs otherwise."""
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    return True
+
+
+def client(ca_file: Optional[str] = None, timeout: float = 30.0) -> "httpx.Client":
+    import httpx
+
+    # trust_env=False: a proxy from the environment must never see the key or sit between us and loopback
+    return httpx.Client(verify=ssl_context(ca_file), timeout=timeout, trust_env=False)
+
+
+def check_health(endpoint: str, *, ca_file: Optional[str] = None, timeout: float = 5.0) -> bool:
+    """The gateway's /health (no key): True when it answers 200, i.e. the engine behind it is ready."""
+    import httpx
+
+    try:
+        with client(ca_file, timeout) as http:
+            return http.get(base_url(endpoint) + "/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def check_ready(http: "httpx.Client", endpoint: str, key: str, served_model: str,
+                on_step: Callable[[str], None] = lambda _step: None) -> None:
+    """One full readiness check; raises what went wrong (httpx errors, _Refused, or a plain message)."""
+    base = endpoint.rstrip("/")
+    headers = {"Authorization": f"Bearer {key}"}
+    on_step(STEP_HEALTH)
+    health = http.get(base_url(endpoint) + "/health")
+    if health.status_code != 200:
+        raise RuntimeError(f"/health answered {health.status_code}")
+    on_step(STEP_MODELS)
+    models = http.get(base + "/models", headers=headers)
+    if models.status_code == 401:
+        raise _Refused("the gateway refused the deployment's API key (401)")
+    if models.status_code != 200:
+        raise RuntimeError(f"/v1/models answered {models.status_code}")
+    ids = [m.get("id") for m in _json(models).get("data", [])]
+    if served_model not in ids:
+        raise _Refused(f"the endpoint serves {ids}, not {served_model!r}")
+    on_step(STEP_COMPLETION)
+    completion = http.post(base + "/completions", headers=headers,
+                           json={"model": served_model, "prompt": "ping", "max_tokens": 1, "temperature": 0})
+    if completion.status_code != 200 or not _json(completion).get("choices"):
+        raise RuntimeError(f"a one-token completion answered {completion.status_code}")
+
+
+def _json(response: "httpx.Response") -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def wait_ready(
+    endpoint: str,
+    key: str,
+    served_model: str,
+    *,
+    ca_file: Optional[str] = None,
+    timeout: float,
+    interval: float = 1.0,
+    probe_timeout: float = 30.0,
+    alive: Optional[Callable[[], bool]] = None,
+    on_phase: Optional[Callable[[str], None]] = None,
+) -> float:
+    """Probe until ready; return the seconds waited. NotReadyError on timeout, when `alive()` turns
+    False (the engine died: no point waiting), or on an answer that waiting will not change."""
+    import httpx
+
+    started = time.monotonic()
+    deadline = started + timeout
+    last_problem = "no answer yet"
+    reported: set[str] = set()
+
+    def step(name: str) -> None:
+        if on_phase is not None and name not in reported:
+            reported.add(name)
+            on_phase(name)
+
+    with client(ca_file, probe_timeout) as http:
+        while True:
+            if alive is not None and not alive():
+                raise NotReadyError(f"the engine stopped before it was ready (last probe: {last_problem})")
+            try:
+                check_ready(http, endpoint, key, served_model, step)
+                return time.monotonic() - started
+            except _Refused as exc:
+                raise NotReadyError(str(exc)) from None
+            except ssl.SSLCertVerificationError as exc:
+                raise NotReadyError(f"the endpoint's TLS certificate does not match the pinned one: "
+                                    f"{exc.verify_message}") from None
+            except httpx.ConnectError as exc:
+                if isinstance(exc.__cause__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                    raise NotReadyError("the endpoint's TLS certificate does not match the pinned one") from None
+                last_problem = "connection refused"
+            except httpx.HTTPError as exc:
+                last_problem = f"{type(exc).__name__}"
+            except RuntimeError as exc:
+                last_problem = str(exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotReadyError(f"not ready after {timeout:.0f}s (last probe: {last_problem})")
+            time.sleep(min(interval, left))

@@ -1,0 +1,120 @@
+"""Local processes the backends start and stop: detached, logged to a file, identified by PID and start time.
+
+A PID alone can be reused after a crash or a reboot; the kernel's start time of the process (from
+/proc/PID/stat) makes `down` and `status` act on our process, never on a stranger that got its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    pid: int
+    start_time: int  # clock ticks since boot (field 22 of /proc/PID/stat)
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    @classmethod
+    def from_json(cls, data: Optional[dict[str, int]]) -> Optional["ProcessRef"]:
+        if not data:
+            return None
+        return cls(int(data["pid"]), int(data["start_time"]))
+
+
+def _stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state, start time) of a PID, or None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[19])
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child (another CLI process started it): init reaps it
+
+
+def alive(ref: Optional[ProcessRef]) -> bool:
+    if ref is None:
+        return False
+    stat = _stat(ref.pid)
+    if stat is None or stat[1] != ref.start_time:
+        return False
+    if stat[0] in ("Z", "X"):
+        _reap(ref.pid)
+        return False
+    return True
+
+
+def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path) -> ProcessRef:
+    """Start a detached process (its own session: Ctrl-C in the terminal does not reach it)."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            list(argv), env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )
+    stat = _stat(proc.pid)
+    # the Popen object is dropped: the process outlives the CLI; alive() reaps it if it is our child
+    proc.returncode = 0  # keeps Popen.__del__ from warning about a running child
+    return ProcessRef(proc.pid, stat[1] if stat else 0)
+
+
+def stop(ref: Optional[ProcessRef], *, timeout: float = 15.0, sig: int = signal.SIGTERM) -> bool:
+    """Stop the process and its process group: `sig`, then SIGKILL after `timeout`. True if it was running."""
+    if not alive(ref):
+        return False
+    assert ref is not None
+    _signal_group(ref, sig)
+    deadline = time.monotonic() + timeout
+    while alive(ref):
+        if time.monotonic() > deadline:
+            _signal_group(ref, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+        time.sleep(0.05)
+    _kill_leftovers(ref.pid)
+    return True
+
+
+def _signal_group(ref: ProcessRef, sig: int) -> None:
+    try:
+        os.killpg(ref.pid, sig)  # started with its own session: the group id is its PID
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(ref.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_leftovers(pgid: int) -> None:
+    """Children left in the group once its leader is gone (e.g. engine workers): SIGKILL them."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file ('' when it does not exist)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])

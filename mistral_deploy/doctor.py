@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import io
 import math
 import re
@@ -186,9 +187,7 @@ def sky_check_credentials(cloud: str) -> tuple[bool, Optional[str]]:
         cloud_obj = None
     if cloud_obj is None:
         raise RecipeError(f"--cloud: SkyPilot knows no cloud {cloud!r}")
-    # SkyPilot prints hints for some clouds on stdout; keep stdout for our own output.
-    with contextlib.redirect_stdout(io.StringIO()):
-        ok, reason = cloud_obj.check_credentials(sky_clouds.CloudCapability.COMPUTE)
+    ok, reason = cloud_obj.check_credentials(sky_clouds.CloudCapability.COMPUTE)
     if isinstance(reason, dict):  # Kubernetes and SSH: a verdict per context
         reason = "; ".join(f"{ctx}: {text}" for ctx, text in reason.items())
     return bool(ok), reason
@@ -236,8 +235,11 @@ def diagnose(recipe: Recipe, source: str) -> DoctorReport:
 
 def check_clouds(names: list[str], target: Optional[str]) -> list[CloudAccess]:
     """SkyPilot's credential check for each cloud, in parallel (some clouds call their APIs)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-        verdicts = list(pool.map(_check_one_cloud, names))
+    # SkyPilot prints hints for some clouds on stdout; keep stdout for our own output. Redirected once,
+    # around the threads: sys.stdout is process-wide, and nested per-thread swaps would not restore it.
+    with contextlib.redirect_stdout(io.StringIO()):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            verdicts = list(pool.map(_check_one_cloud, names))
     return [CloudAccess(cloud=name, enabled=ok, reason=_one_line(reason), target=name == target)
             for name, (ok, reason) in zip(names, verdicts)]
 
@@ -288,38 +290,44 @@ def check_aws_quota(recipe: Recipe, report: DoctorReport) -> None:
 
     reader = _QuotaReader(region)
     for gpu in gpus:
-        offers = pricing.cheapest_first(pricing.find_offers([gpu], ["aws"], region), spot=use_spot)
+        offers = pricing.find_offers([gpu], ["aws"], region)
         if not offers:
             report.notes.append(f"{gpu}: AWS offers no instance with it in {region}")
             continue
-        offer = offers[0]
-        vcpus = instance_vcpus(offer.instance_type)
         for market, used in markets(recipe):
-            base = dict(gpu=str(gpu), instance_type=offer.instance_type, region=region, market=market, used=used,
-                        vcpus_per_instance=vcpus, instances=instances)
-            if market == SPOT and offer.spot_price is None:
-                report.quotas.append(QuotaCheck(**base, status=NOT_OFFERED,
-                                                detail=f"no spot market for {offer.instance_type} in {region}"))
+            # each market's cheapest instance type: the one SkyPilot picks for it (they can differ)
+            in_market = [o for o in offers if market == ON_DEMAND or o.spot_price is not None]
+            offer = pricing.cheapest_first(in_market or offers, spot=market == SPOT)[0]
+            vcpus = instance_vcpus(offer.instance_type)
+            make_check = functools.partial(QuotaCheck, gpu=str(gpu), instance_type=offer.instance_type, region=region,
+                                           market=market, used=used, vcpus_per_instance=vcpus, instances=instances)
+            if not in_market:
+                report.quotas.append(make_check(status=NOT_OFFERED,
+                                                detail=f"no spot market for {gpu} in {region}"))
                 continue
             quota = quota_code(offer.instance_type, spot=market == SPOT)
             if quota is None:
-                report.quotas.append(QuotaCheck(**base, status=UNKNOWN,
+                report.quotas.append(make_check(status=UNKNOWN,
                                                 detail=f"no known {market} quota code for {offer.instance_type}"))
                 continue
             code, name = quota
             value = reader.read(code)
             if isinstance(value, Problem):
-                report.quotas.append(QuotaCheck(**base, status=ERROR, quota_code=code, quota_name=name,
+                report.quotas.append(make_check(status=ERROR, quota_code=code, quota_name=name,
                                                 detail=value.message))
                 continue
             vcpu_limit, api_name, source = value
             needed = vcpus * instances
-            report.quotas.append(QuotaCheck(
-                **base, status=OK if vcpu_limit >= needed else INSUFFICIENT, quota_code=code,
+            report.quotas.append(make_check(
+                status=OK if vcpu_limit >= needed else INSUFFICIENT, quota_code=code,
                 quota_name=api_name or name, quota_vcpus=vcpu_limit, value_source=source,
             ))
-    report.problems.extend(_quota_problems(report.quotas, reader.problems))
+    problems = _quota_problems(report.quotas, reader.problems)
+    report.problems.extend(problems)
+    report.notes.extend(f"not verified: {p.message}" for p in reader.problems if p not in problems)
     for check in report.quotas:
+        if check.used and check.status == UNKNOWN:
+            report.notes.append(f"not verified: {check.detail}; check its EC2 quota in the Service Quotas console")
         if not check.used and check.status == INSUFFICIENT:
             report.notes.append(
                 f"{check.market} quota {check.quota_code} ({check.quota_name}) is {check.quota_vcpus:g} vCPUs, "

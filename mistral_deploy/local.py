@@ -2,7 +2,7 @@
 
     <deployment dir>/
       engine.log                  the engine's output
-      tmp/                        the engine's TMPDIR
+      (the engine's TMPDIR is a short md-NAME-* folder in the system temp dir: IPC socket paths)
       gateway/nginx.conf          rendered from templates/nginx.conf.j2 (no secret in it)
       gateway/api_keys.map        0600: the keys, as the gateway's map include
       gateway/tls/                ca.pem (clients pin it), cert.pem, key.pem (0600)
@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -142,8 +143,11 @@ class LocalBackend:
             deployment.details["engine_port"] = engine_port
 
             progress.phase("engine-start", f"vLLM on 127.0.0.1:{engine_port}")
-            (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
-            env = self._engine_env(recipe, directory, hf_env)
+            # The engine's TMPDIR holds its IPC sockets, whose paths must stay under 108 bytes: a short
+            # private folder in the system's temp dir, not under the (possibly deep) state folder.
+            tmpdir = tempfile.mkdtemp(prefix=f"md-{recipe.name[:12]}-")
+            deployment.details["tmpdir"] = tmpdir
+            env = self._engine_env(recipe, Path(tmpdir), hf_env)
             argv = [python, "-m", "vllm.entrypoints.openai.api_server",
                     *engine_args(recipe, model=model, host="127.0.0.1", port=engine_port)]
             engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory)
@@ -174,7 +178,7 @@ class LocalBackend:
             progress.done(ready_message(deployment))
             return deployment
         except NotReadyError as exc:
-            tail = processes.tail(directory / ENGINE_LOG, LOG_TAIL_LINES)
+            tail = processes.tail(directory / ENGINE_LOG, LOG_TAIL_LINES) or "(the engine wrote nothing to its log)"
             if not processes.alive(gateway_ref) and gateway_ref is not None:
                 tail += "\n" + processes.tail(directory / GATEWAY_DIR / "error.log", 10)
             self._fail(deployment, store, exc.message, engine_ref, gateway_ref)
@@ -187,6 +191,7 @@ class LocalBackend:
             # nothing local is worth keeping half-made: stop what started, forget the record
             processes.stop(gateway_ref)
             processes.stop(engine_ref)
+            _remove_tmpdir(deployment)
             store.remove(recipe.name)
             progress.fail(f"interrupted: {recipe.name} was stopped and removed")
             raise
@@ -210,11 +215,13 @@ class LocalBackend:
         return {HF_TOKEN_SECRET: token}
 
     @staticmethod
-    def _engine_env(recipe: "Recipe", directory: Path, hf_env: dict[str, str]) -> dict[str, str]:
+    def _engine_env(recipe: "Recipe", tmpdir: Path, hf_env: dict[str, str]) -> dict[str, str]:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env["TMPDIR"] = str(directory / "tmp")
+        env["TMPDIR"] = str(tmpdir)
         env["VLLM_CACHE_ROOT"] = str(engine.engine_dir() / "cache")
+        # torch's compile cache would land in TMPDIR (~150 MB), which is per deployment: share it instead
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(engine.engine_dir() / "cache" / "torchinductor")
         env["VLLM_NO_USAGE_STATS"] = "1"
         env["DO_NOT_TRACK"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
@@ -270,6 +277,7 @@ class LocalBackend:
         """Stop what started (a local process costs nothing to restart), keep the record and logs."""
         processes.stop(gateway_ref)
         processes.stop(engine_ref)
+        _remove_tmpdir(deployment)
         deployment.phase = "failed"
         deployment.details["error"] = error
         try:
@@ -284,6 +292,7 @@ class LocalBackend:
         progress.phase("teardown", "gateway and engine")
         processes.stop(gateway_ref)
         processes.stop(engine_ref)
+        _remove_tmpdir(deployment)
         store.remove(deployment.name)
         progress.done(f"{deployment.name} stopped and removed")
 
@@ -349,6 +358,12 @@ def follow_file(path: Path, *, lines: int, follow: bool, running: Any = lambda: 
                     yield partial
                 return
             time.sleep(0.2)
+
+
+def _remove_tmpdir(deployment: Deployment) -> None:
+    tmpdir = deployment.details.get("tmpdir")
+    if tmpdir and Path(tmpdir).name.startswith("md-"):
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def ready_message(deployment: Deployment) -> str:

@@ -74,36 +74,57 @@ def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path) -> 
 
 
 def stop(ref: Optional[ProcessRef], *, timeout: float = 15.0, sig: int = signal.SIGTERM) -> bool:
-    """Stop the process and its process group: `sig`, then SIGKILL after `timeout`. True if it was running."""
-    if not alive(ref):
+    """Stop the process and every process of its group: `sig`, then SIGKILL after `timeout`.
+
+    The group is stopped even when its leader is already dead: vLLM's EngineCore child outlives an
+    API server killed with SIGKILL. True if anything was running."""
+    if ref is None:
         return False
-    assert ref is not None
-    _signal_group(ref, sig)
+    members = group_members(ref)
+    if not members:
+        return False
+    for pid in members:
+        _signal(pid, sig)
     deadline = time.monotonic() + timeout
-    while alive(ref):
+    while True:
+        members = group_members(ref)
+        if not members:
+            return True
         if time.monotonic() > deadline:
-            _signal_group(ref, signal.SIGKILL)
+            for pid in members:
+                _signal(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
         time.sleep(0.05)
-    _kill_leftovers(ref.pid)
-    return True
 
 
-def _signal_group(ref: ProcessRef, sig: int) -> None:
-    try:
-        os.killpg(ref.pid, sig)  # started with its own session: the group id is its PID
-    except (ProcessLookupError, PermissionError):
+def group_members(ref: ProcessRef) -> list[int]:
+    """Live processes of the group `ref` leads (started with their own session: group id = its PID),
+    started no earlier than it: a later stranger that reused the number has its own, later start time."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            os.kill(ref.pid, sig)
-        except ProcessLookupError:
-            pass
+            text = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        state, pgrp, start = fields[0], int(fields[2]), int(fields[19])
+        if pgrp != ref.pid or start < ref.start_time:
+            continue
+        if int(entry.name) == ref.pid and start != ref.start_time:
+            continue
+        if state in ("Z", "X"):
+            _reap(int(entry.name))
+            continue
+        members.append(int(entry.name))
+    return members
 
 
-def _kill_leftovers(pgid: int) -> None:
-    """Children left in the group once its leader is gone (e.g. engine workers): SIGKILL them."""
+def _signal(pid: int, sig: int) -> None:
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+    except ProcessLookupError:
         pass
 
 

@@ -36,8 +36,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="rewrite the golden files under tests/golden")
 
 
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built-in models are built once per test session (the tiny model takes seconds), not once per test."""
+    return tmp_path_factory.mktemp("models")
+
+
 @pytest.fixture(autouse=True)
-def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, models_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("isolated")
     for key in list(os.environ):
         if key.startswith(_CLOUD_ENV_PREFIXES):
@@ -52,6 +58,7 @@ def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.setenv("MISTRAL_DEPLOY_MODELS_DIR", str(models_dir))
     if ENGINE_PYTHON:
         monkeypatch.setenv(ENGINE_PYTHON_ENV, ENGINE_PYTHON)
     return root

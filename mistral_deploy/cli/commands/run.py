@@ -1,0 +1,158 @@
+"""`mistral-deploy run`: an ephemeral endpoint for the length of one command (CI jobs, evaluations).
+
+Up, run the command with OPENAI_BASE_URL / OPENAI_API_KEY (and the pinned CA file) in its environment,
+then always down: on success, on failure, on Ctrl-C and on SIGTERM. On clouds the TTL is the backstop
+if this process itself is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mistral_deploy.cli import app
+from mistral_deploy.cli._options import (
+    Allow, Cloud, Gpu, Model, Name, Network, Port, RecipeArg, Region, Spot, Ttl, load, overrides,
+)
+from mistral_deploy.cli._output import Output
+
+# How long the command gets to exit after it was forwarded SIGTERM/SIGINT, before SIGKILL.
+COMMAND_GRACE_SECONDS = 10.0
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    command: Annotated[list[str], typer.Argument(help="The command to run, after `--`.", show_default=False)],
+    cloud: Cloud = None,
+    gpu: Gpu = None,
+    region: Region = None,
+    model: Model = None,
+    name: Name = None,
+    spot: Spot = None,
+    network: Network = None,
+    allow: Allow = None,
+    ttl: Ttl = None,
+    port: Port = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on stdout; the command's stdout goes to stderr.")
+    ] = False,
+) -> None:
+    """Bring an endpoint up, run COMMAND against it, always tear it down; exit with COMMAND's exit code.
+
+    mistral-deploy run tiny-mistral --cloud local -- python my_eval.py
+
+    If the endpoint cannot be brought up, exits with mistral-deploy's own code (see `exit-codes`: 3-9),
+    130 when interrupted before the command started.
+    """
+    import secrets
+
+    from mistral_deploy.backends import backend_for_recipe
+    from mistral_deploy.cli.commands._lifecycle import client_env, sigterm_as_interrupt, summary
+    from mistral_deploy.errors import MistralDeployError
+    from mistral_deploy.local import free_port
+    from mistral_deploy.progress import Progress
+    from mistral_deploy.state import StateStore
+
+    out = Output(json_mode=json_out)
+    if not command:
+        raise MistralDeployError("run: name the command to run after `--`, e.g. -- pytest tests/llm")
+    import shutil
+
+    if shutil.which(command[0]) is None:
+        raise MistralDeployError(f"run: command not found: {command[0]!r} (nothing was started)")
+    flags = overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot, network=network,
+                      allow=allow, ttl=ttl, port=port)
+    loaded = load(recipe, flags)
+    r = loaded.recipe
+    # Parallel CI jobs must not collide: a fresh name, and locally a free port, unless given.
+    changes: dict[str, Any] = {}
+    if name is None:
+        changes["name"] = f"{r.name[:26]}-{secrets.token_hex(4)}"
+    if r.is_local and port is None:
+        changes["port"] = free_port()
+    if changes:
+        loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model,
+                                        name=changes.get("name", name), spot=spot, network=network, allow=allow,
+                                        ttl=ttl, port=changes.get("port", port)))
+        r = loaded.recipe
+
+    store = StateStore()
+    backend = backend_for_recipe(r)
+    progress = Progress()
+    started = time.monotonic()
+    result: dict[str, Any] = {"name": r.name, "command": command[0]}
+    code: Optional[int] = None
+    try:
+        with sigterm_as_interrupt():
+            try:
+                deployment = backend.up(r, store, progress)
+            finally:
+                progress.close()
+            result.update(summary(deployment), up_seconds=round(time.monotonic() - started, 2))
+            env = dict(os.environ)
+            env.update(client_env(deployment, store))
+            code = _run_command(command, env, stdout=sys.stderr if json_out else None)
+            result["exit_code"] = code
+    finally:
+        result["teardown"] = _teardown(r.name, store)
+        if json_out and (code is not None or result["teardown"] != "none"):
+            out.json(result)
+    if result["teardown"].startswith("failed"):
+        raise MistralDeployError(f"run: {result['teardown']}", hint=f"`mistral-deploy down {r.name}` again")
+    raise typer.Exit(code)
+
+
+def _run_command(command: list[str], env: dict[str, str], *, stdout: Any) -> int:
+    """Run the command; Ctrl-C and SIGTERM are forwarded to it, and it is waited for."""
+    try:
+        proc = subprocess.Popen(command, env=env, stdout=stdout)
+    except OSError as exc:
+        from mistral_deploy.errors import MistralDeployError
+
+        raise MistralDeployError(f"run: cannot start {command[0]!r}: {exc.strerror}") from None
+    try:
+        return _exit_code(proc.wait())
+    except KeyboardInterrupt as exc:  # Ctrl-C (the command got it from the terminal too) or SIGTERM
+        sig = signal.SIGTERM if "signal" in str(exc) else signal.SIGINT
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=COMMAND_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128+N, like a shell
+
+
+def _teardown(name: str, store: Any) -> str:
+    """Down the deployment whatever happened; a second Ctrl-C does not stop the clean-up."""
+    from mistral_deploy.cli.commands.down import teardown
+    from mistral_deploy.errors import DeploymentNotFound
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:
+        previous = {}
+    try:
+        try:
+            deployment = store.load(name)
+        except DeploymentNotFound:
+            return "none"  # up removed it (interrupted locally) or never recorded it (refused by the cloud)
+        removed, failed = teardown([deployment], store)
+        return "done" if removed else f"failed: {failed.get(name)}"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -443,3 +443,63 @@ def test_tunnel_command_refuses_a_public_endpoint(fake, vm, store, tmp_path):
     _register()
     r = CliRunner().invoke(app, ["tunnel", "mistral-7b-instruct"])
     assert r.exit_code != 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the same through the CLI: up, status --ip / --json, env, down
+
+
+def test_cli_up_status_ip_env_and_down_on_aws(fake, vm, tmp_path, monkeypatch):
+    import json
+
+    from _cli import run_cli
+
+    vm.start(tls_dir=tmp_path / "tls")
+    recipe_file = tmp_path / "r.yaml"
+    data = make_recipe().to_yaml_config()
+    import yaml
+
+    recipe_file.write_text(yaml.safe_dump(data))
+    up = run_cli("up", str(recipe_file), "--cloud", "aws", "--gpu", "A10G", "--json")
+    assert up.exit_code == 0, up.stderr
+    summary = json.loads(up.stdout)
+    assert summary["phase"] == "ready" and summary["endpoint"] == f"https://127.0.0.1:{vm.port}/v1"
+    assert summary["hourly_price"] == pytest.approx(1.006)
+    keys = StateStore().read_api_keys("mistral-7b-instruct")
+    assert keys[0] not in up.stdout + up.stderr  # the key is only ever shown by `env`
+
+    ip = run_cli("status", "--ip")
+    assert ip.exit_code == 0 and ip.stdout.strip() == "127.0.0.1"
+    status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
+    assert status["healthy"] is True and status["cluster_status"] == "UP"
+
+    env = run_cli("env", "mistral-7b-instruct", "--json")
+    variables = json.loads(env.stdout)
+    assert variables["OPENAI_API_KEY"] == keys[0] and variables["SSL_CERT_FILE"] == summary["tls_ca"]
+    assert _authed_models(variables["OPENAI_BASE_URL"], variables["OPENAI_API_KEY"],
+                          variables["SSL_CERT_FILE"]).status_code == 200
+
+    down = run_cli("down", "mistral-7b-instruct")
+    assert down.exit_code == 0, down.stderr
+    assert next(c for c in fake.calls if c.method == "down").args == {"cluster_name": "md-mistral-7b-instruct"}
+    assert run_cli("status", "mistral-7b-instruct").exit_code == 5
+
+
+def test_cli_up_quota_error_is_one_line_exit_9(fake, vm):
+    from sky import exceptions as sx
+
+    from _cli import run_cli
+
+    def refuse() -> None:
+        fake.clusters.pop("md-mistral-7b-instruct", None)
+        raise sx.ResourcesUnavailableError(
+            "Failed to provision all possible launchable resources.",
+            failover_history=[Exception("VcpuLimitExceeded: You have requested more vCPU capacity than your "
+                                        "current vCPU limit of 0 allows")])
+
+    fake.launch_raises = refuse
+    result = run_cli("up", "--cloud", "aws", "--gpu", "A10G")
+    assert result.exit_code == 9
+    assert "Traceback" not in result.stderr and "quota" in result.stderr
+    assert run_cli("status", "--json").stdout.strip().startswith("{")
+    assert StateStore().list() == []

@@ -7,8 +7,7 @@ scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 # reuse a healthy endpoint from an earlier run; otherwise (re)create it
-if ! mistral-deploy status tiny-mistral --json 2>/dev/null \
-    | python -c 'import json, sys; sys.exit(0 if json.load(sys.stdin)["healthy"] else 1)'; then
+if ! mistral-deploy status tiny-mistral --json 2>/dev/null | grep -q '"healthy": true'; then
   mistral-deploy down tiny-mistral >/dev/null 2>&1 || true
   mistral-deploy up tiny-mistral --cloud local
 fi

@@ -279,7 +279,7 @@ class CloudBackend(_CloudBase):
             probe.wait_ready(
                 endpoint, keys[0], recipe.served_model_name, ca_file=deployment.tls_ca,
                 timeout=max(1.0, deadline - time.monotonic()), interval=recipe.health.probe_interval,
-                alive=job_log.alive, on_phase=lambda name: phase(name),
+                alive=job_log.alive, on_phase=lambda name: phase(name), task=recipe.model.task,
             )
             deployment.phase = "ready"
             deployment.details["last_phase"] = "ready"
@@ -513,6 +513,7 @@ class ServeBackend(_CloudBase):
                 deployment.endpoint, keys[0], recipe.served_model_name, ca_file=deployment.tls_ca,
                 timeout=float(recipe.health.readiness_timeout), interval=recipe.health.probe_interval,
                 alive=self._alive_check(service_name, phase), on_phase=lambda name: phase(name),
+                task=recipe.model.task,
             )
             info = sdk.serve_status(service_name)
             if info is not None:

@@ -65,13 +65,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def port_in_use(host: str, port: int) -> bool:
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why the gateway could not bind host:port, or None. SO_REUSEADDR as nginx sets it: connections
+    of a gateway stopped a moment ago (TIME_WAIT) do not make the port busy."""
+    import errno
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except PermissionError:
+            return f"port {port} is privileged (below 1024) and this user may not bind it"
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use"
+            return f"cannot bind {host}:{port}: {exc.strerror}"
+    return None
 
 
 def port_open(host: str, port: int) -> bool:
@@ -116,8 +125,9 @@ class LocalBackend:
             raise EngineError("network.mode: vpc is for clouds; locally use private or public (--network)")
         listen_host = listen_host_for(mode)
         port = recipe.network.port
-        if port_in_use(listen_host, port):
-            raise EngineError(f"network.port (--port): port {port} on {listen_host} is in use; pick another")
+        problem = port_problem(listen_host, port)
+        if problem:
+            raise EngineError(f"network.port (--port): {problem}; pick another")
 
         deployment = Deployment(name=recipe.name, backend=self.kind, recipe=recipe.to_yaml_config(),
                                 details={"network": mode, "port": port, "listen_host": listen_host})
@@ -155,8 +165,12 @@ class LocalBackend:
             store.save(deployment)
 
             progress.phase("gateway", f"nginx on {listen_host}:{port}")
-            gateway_ref = self._start_gateway(nginx, directory, layout)
-            deployment.details["gateway"] = gateway_ref.to_json()
+            started: list[ProcessRef] = []  # filled as soon as nginx is spawned, before it listens
+            try:
+                gateway_ref = self._start_gateway(nginx, directory, layout, started)
+            finally:
+                gateway_ref = started[0] if started else None
+            deployment.details["gateway"] = gateway_ref.to_json() if gateway_ref else None
             store.save(deployment)
 
             progress.phase("weights", "loading the model")
@@ -170,7 +184,7 @@ class LocalBackend:
                 timeout=float(recipe.health.readiness_timeout),
                 interval=min(recipe.health.probe_interval, LOCAL_PROBE_INTERVAL),
                 probe_timeout=recipe.health.probe_timeout, alive=both_alive,
-                on_phase=lambda step: progress.phase("readiness", step),
+                on_phase=lambda step: progress.phase("readiness", step), task=recipe.model.task,
             )
             deployment.phase = "ready"
             deployment.details["ready_at"] = time.time()
@@ -188,11 +202,13 @@ class LocalBackend:
                      f"`mistral-deploy down {recipe.name}` removes the record",
             ) from None
         except KeyboardInterrupt:
-            # nothing local is worth keeping half-made: stop what started, forget the record
-            processes.stop(gateway_ref)
-            processes.stop(engine_ref)
-            _remove_tmpdir(deployment)
-            store.remove(recipe.name)
+            # nothing local is worth keeping half-made: stop what started, forget the record; a second
+            # Ctrl-C or SIGTERM does not cut the clean-up short
+            with processes.signals_ignored():
+                processes.stop(gateway_ref)
+                processes.stop(engine_ref)
+                _remove_tmpdir(deployment)
+                store.remove(recipe.name)
             progress.fail(f"interrupted: {recipe.name} was stopped and removed")
             raise
         except BaseException as exc:
@@ -254,14 +270,16 @@ class LocalBackend:
         return layout, tls_ca
 
     @staticmethod
-    def _start_gateway(nginx: str, directory: Path, layout: GatewayLayout) -> ProcessRef:
+    def _start_gateway(nginx: str, directory: Path, layout: GatewayLayout, started: list[ProcessRef]) -> ProcessRef:
         gw = directory / GATEWAY_DIR
         argv = [nginx, "-p", str(gw), "-e", layout.error_log, "-c", str(gw / "nginx.conf"), "-g", "daemon off;"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")}
         ref = processes.spawn(argv, env=env, log=gw / "error.log", cwd=gw)
+        started.append(ref)
         deadline = time.monotonic() + GATEWAY_START_TIMEOUT
-        connect_host = "127.0.0.1"
-        while not port_open(connect_host, layout.port):
+        pid_file = Path(layout.pid_file)
+        # listening, and ours: nginx writes its pid file once it has bound its sockets
+        while not (port_open("127.0.0.1", layout.port) and _pid_in(pid_file) == ref.pid):
             if not processes.alive(ref):
                 detail = processes.tail(gw / "error.log", 3).strip().splitlines()
                 raise EngineError("the gateway (nginx) did not start: " + (detail[-1] if detail else "no output"))
@@ -358,6 +376,13 @@ def follow_file(path: Path, *, lines: int, follow: bool, running: Any = lambda: 
                     yield partial
                 return
             time.sleep(0.2)
+
+
+def _pid_in(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _remove_tmpdir(deployment: Deployment) -> None:

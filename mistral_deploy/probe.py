@@ -56,12 +56,12 @@ def check_health(endpoint: str, *, ca_file: Optional[str] = None, timeout: float
     try:
         with client(ca_file, timeout) as http:
             return http.get(base_url(endpoint) + "/health").status_code == 200
-    except httpx.HTTPError:
+    except (httpx.HTTPError, OSError, ssl.SSLError):  # OSError: a missing or unreadable pinned CA file
         return False
 
 
 def check_ready(http: "httpx.Client", endpoint: str, key: str, served_model: str,
-                on_step: Callable[[str], None] = lambda _step: None) -> None:
+                on_step: Callable[[str], None] = lambda _step: None, *, task: str = "generate") -> None:
     """One full readiness check; raises what went wrong (httpx errors, _Refused, or a plain message)."""
     base = endpoint.rstrip("/")
     headers = {"Authorization": f"Bearer {key}"}
@@ -79,10 +79,16 @@ def check_ready(http: "httpx.Client", endpoint: str, key: str, served_model: str
     if served_model not in ids:
         raise _Refused(f"the endpoint serves {ids}, not {served_model!r}")
     on_step(STEP_COMPLETION)
-    completion = http.post(base + "/completions", headers=headers,
-                           json={"model": served_model, "prompt": "ping", "max_tokens": 1, "temperature": 0})
-    if completion.status_code != 200 or not _json(completion).get("choices"):
-        raise RuntimeError(f"a one-token completion answered {completion.status_code}")
+    if task == "embed":  # an embedding model has no completions route: one embedding instead
+        route, body, field = "/embeddings", {"model": served_model, "input": "ping"}, "data"
+    else:
+        route, body, field = "/completions", {"model": served_model, "prompt": "ping", "max_tokens": 1,
+                                              "temperature": 0}, "choices"
+    answer = http.post(base + route, headers=headers, json=body)
+    if answer.status_code == 404:
+        raise _Refused(f"the endpoint has no {route} route (404)")
+    if answer.status_code != 200 or not _json(answer).get(field):
+        raise RuntimeError(f"a one-token request to /v1{route} answered {answer.status_code}")
 
 
 def _json(response: "httpx.Response") -> dict[str, Any]:
@@ -104,6 +110,7 @@ def wait_ready(
     probe_timeout: float = 30.0,
     alive: Optional[Callable[[], bool]] = None,
     on_phase: Optional[Callable[[str], None]] = None,
+    task: str = "generate",
 ) -> float:
     """Probe until ready; return the seconds waited. NotReadyError on timeout, when `alive()` turns
     False (the engine died: no point waiting), or on an answer that waiting will not change."""
@@ -124,7 +131,7 @@ def wait_ready(
             if alive is not None and not alive():
                 raise NotReadyError(f"the engine stopped before it was ready (last probe: {last_problem})")
             try:
-                check_ready(http, endpoint, key, served_model, step)
+                check_ready(http, endpoint, key, served_model, step, task=task)
                 return time.monotonic() - started
             except _Refused as exc:
                 raise NotReadyError(str(exc)) from None

@@ -10,9 +10,10 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -83,18 +84,22 @@ def stop(ref: Optional[ProcessRef], *, timeout: float = 15.0, sig: int = signal.
     members = group_members(ref)
     if not members:
         return False
-    for pid in members:
-        _signal(pid, sig)
+    signalled: set[int] = set()
     deadline = time.monotonic() + timeout
-    while True:
-        members = group_members(ref)
-        if not members:
-            return True
-        if time.monotonic() > deadline:
-            for pid in members:
+    give_up = deadline + 10
+    while members:
+        now = time.monotonic()
+        for pid in members:
+            if now > deadline:
                 _signal(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
+            elif pid not in signalled:  # members that appeared since are signalled too
+                _signal(pid, sig)
+                signalled.add(pid)
+        if now > give_up:  # e.g. stuck in uninterruptible sleep: do not hang `down` forever
+            break
         time.sleep(0.05)
+        members = group_members(ref)
+    return True
 
 
 def group_members(ref: ProcessRef) -> list[int]:
@@ -110,9 +115,9 @@ def group_members(ref: ProcessRef) -> list[int]:
             continue
         fields = text[text.rindex(")") + 2:].split()
         state, pgrp, start = fields[0], int(fields[2]), int(fields[19])
-        if pgrp != ref.pid or start < ref.start_time:
-            continue
         if int(entry.name) == ref.pid and start != ref.start_time:
+            return []  # the number was reused: Linux does not reuse it while our group exists
+        if pgrp != ref.pid or start < ref.start_time:
             continue
         if state in ("Z", "X"):
             _reap(int(entry.name))
@@ -124,8 +129,23 @@ def group_members(ref: ProcessRef) -> list[int]:
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+    except (ProcessLookupError, PermissionError):
+        pass  # gone, or not ours to signal
+
+
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while a clean-up runs (main thread only; elsewhere nothing changes)."""
+    try:
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -42,6 +42,12 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION_RE = re.compile(r"^(?P<n>[0-9]+)\s*(?P<unit>s|m|h|d)?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # Names that hold secrets travel as SkyPilot `secrets:`, never as plain `engine.env` values.
+_SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,128}$")
+# Engine flags mistral-deploy sets itself: where the engine listens (never beyond 127.0.0.1), what it
+# serves, and nothing that would bypass the gateway or read another config.
+_OWNED_ENGINE_FLAGS = ("--host", "--port", "--uds", "--api-key", "--model", "--served-model-name",
+                       "--tensor-parallel-size", "--config", "--root-path", "--ssl-keyfile", "--ssl-certfile",
+                       "--allowed-origins")
 _SECRET_ENV_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|PRIVATE_KEY)", re.IGNORECASE)
 
 
@@ -143,14 +149,26 @@ class ModelSpec(_Spec):
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM engine arguments")
     architecture: Optional[Architecture] = None
 
+    @field_validator("served_name")
+    @classmethod
+    def _served_name(cls, name: Optional[str]) -> Optional[str]:
+        # it reaches the gateway's config and the engine's arguments: no spaces, quotes or nginx syntax
+        if name is not None and not _SERVED_NAME_RE.match(name):
+            raise ValueError(f"expected 1-128 of A-Z a-z 0-9 . _ / : -, got {name!r}")
+        return name
+
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_args(cls, args: list[str]) -> list[str]:
-        owned = {"--host", "--port", "--api-key", "--model", "--served-model-name", "--tensor-parallel-size"}
         for arg in args:
-            flag = arg.split("=", 1)[0]
-            if flag in owned:
-                raise ValueError(f"{flag} is set by mistral-deploy; use the recipe field instead")
+            if not arg.startswith("--"):
+                continue
+            # vLLM's parser accepts '_' for '-' and any unambiguous prefix of a flag (--hos = --host)
+            flag = arg.split("=", 1)[0].replace("_", "-")
+            owned = next((o for o in _OWNED_ENGINE_FLAGS if o.startswith(flag) and len(flag) > 2), None)
+            if owned:
+                raise ValueError(f"{arg.split('=', 1)[0]} ({owned}) is set by mistral-deploy; "
+                                 "use the recipe field instead")
         return args
 
 

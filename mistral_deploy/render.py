@@ -33,12 +33,7 @@ VM_GATEWAY_DIR = "/etc/mistral-deploy"
 def engine_args(recipe: Recipe, *, model: str, host: str, port: int) -> list[str]:
     """The vLLM server's arguments, shared by the local backend and the VM. Never a secret."""
     m = recipe.model
-    args = [
-        "--model", model,
-        "--served-model-name", recipe.served_model_name,
-        "--host", host,
-        "--port", str(port),
-    ]
+    args: list[str] = []
     if m.revision:
         args += ["--revision", m.revision]
     if m.dtype != "auto":
@@ -54,6 +49,13 @@ def engine_args(recipe: Recipe, *, model: str, host: str, port: int) -> list[str
     if m.task == "embed":
         args += ["--runner", "pooling"]
     args += list(m.vllm_args)
+    # Ours come last: where the engine listens and what it serves win over anything before them.
+    args += [
+        "--model", model,
+        "--served-model-name", recipe.served_model_name,
+        "--host", host,
+        "--port", str(port),
+    ]
     return args
 
 

@@ -7,8 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from _cli import run_cli
+from mistral_deploy import resources_dir
 from mistral_deploy.errors import EXIT_CODES, FitError, RecipeError
 from mistral_deploy.recipe import Recipe, builtin_recipe_names, load_recipe, validate_recipe_data
 
@@ -136,3 +138,24 @@ def test_recipe_round_trip(name: str) -> None:
     assert again == recipe
     assert again.to_yaml_config() == data
     assert isinstance(again, Recipe)
+
+
+@pytest.mark.parametrize("args", [["--hos", "0.0.0.0"], ["--host=0.0.0.0"], ["--api_key", "x"], ["--served-model", "x"],
+                                  ["--uds", "/tmp/s"], ["--port=9"]])
+def test_engine_flags_that_would_bypass_the_gateway_are_refused_even_abbreviated(args: list[str], tmp_path: Path) -> None:
+    """vLLM's parser takes '_' for '-' and unambiguous prefixes (--hos = --host)."""
+    data = yaml.safe_load((resources_dir("recipes") / "tiny-mistral.yaml").read_text())
+    data["model"]["vllm_args"] = args
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    r = run_cli("validate", str(path))
+    assert r.exit_code == 3 and "model.vllm_args" in r.stderr and "set by mistral-deploy" in r.stderr
+
+
+def test_a_served_name_cannot_smuggle_gateway_config(tmp_path: Path) -> None:
+    data = yaml.safe_load((resources_dir("recipes") / "tiny-mistral.yaml").read_text())
+    data["model"]["served_name"] = "m\nhttp { server { listen 0.0.0.0:9999; } }"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    r = run_cli("validate", str(path))
+    assert r.exit_code == 3 and "model.served_name" in r.stderr

@@ -475,7 +475,10 @@ def test_cli_up_status_ip_env_and_down_on_aws(fake, vm, tmp_path, monkeypatch):
 
     env = run_cli("env", "mistral-7b-instruct", "--json")
     variables = json.loads(env.stdout)
-    assert variables["OPENAI_API_KEY"] == keys[0] and variables["SSL_CERT_FILE"] == summary["tls_ca"]
+    assert variables["OPENAI_API_KEY"] == keys[0] and variables["MISTRAL_DEPLOY_CA_FILE"] == summary["tls_ca"]
+    # the trust bundle: the system's CAs and the pinned certificate, so other HTTPS keeps working
+    bundle = Path(variables["SSL_CERT_FILE"]).read_text()
+    assert Path(summary["tls_ca"]).read_text() in bundle and bundle.count("BEGIN CERTIFICATE") > 10
     assert _authed_models(variables["OPENAI_BASE_URL"], variables["OPENAI_API_KEY"],
                           variables["SSL_CERT_FILE"]).status_code == 200
 

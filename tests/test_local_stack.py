@@ -185,8 +185,14 @@ def test_keys_never_leave_their_0600_files(endpoint):
     for secret_file in (endpoint.dir / "api_keys", endpoint.dir / "gateway" / "api_keys.map"):
         assert stat.S_IMODE(os.stat(secret_file).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(endpoint.dir).st_mode) == 0o700
-    _raw(endpoint, "GET", "/v1/models", _auth(key))
+    _raw(endpoint, "GET", "/v1/models?probe=keys-test", _auth(key))
     _raw(endpoint, "GET", "/v1/models", {"Authorization": "Bearer md-wrong-key-00000000000000000000"})
+    access_log = endpoint.dir / "gateway" / "access.log"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and " 401 " not in access_log.read_text()[-2000:]:
+        time.sleep(0.2)  # the access log is flushed once a second
+    assert '"GET /v1/models" 401' in access_log.read_text()  # the requests were logged, without the key
+    assert "probe=keys-test" not in access_log.read_text()  # nor the query string
     for path in endpoint.dir.rglob("*"):
         if path.is_file() and path.name not in ("api_keys", "api_keys.map"):
             assert key not in path.read_text(errors="replace"), path
@@ -242,6 +248,16 @@ def test_engine_dying_while_loading_fails_up_fast_with_the_log_tail(tmp_path, mo
     port = _free_port()
     proc = subprocess.Popen([CLI, "up", "tiny-mistral", "--cloud", "local", "--name", "dies", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _up_dies(proc, tmp_path, env, port)
+    finally:
+        if proc.poll() is None:  # the test failed early: take down whatever it started
+            proc.terminate()
+            proc.communicate(timeout=60)
+        cli("down", "--all", env=env, timeout=120)
+
+
+def _up_dies(proc: subprocess.Popen, tmp_path: Path, env: dict, port: int) -> None:
     record_file = tmp_path / "state" / "deployments" / "dies" / "deployment.json"
     deadline = time.monotonic() + 120
     engine_pid = None

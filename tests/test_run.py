@@ -81,9 +81,14 @@ def test_run_tears_down_when_signalled_while_the_command_runs(tmp_path, models_d
         _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err[-2000:]
+            proc.terminate()  # run tears down on SIGTERM
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        cli("down", "--all", env=env, timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]  # the command's own code: ended by the signal
     assert "stopped and removed" in err
     _gone(_seen(seen_file))
     assert list((tmp_path / "state" / "deployments").iterdir()) == []
@@ -105,7 +110,14 @@ def test_run_interrupted_while_coming_up_leaves_nothing(tmp_path, models_dir):
         time.sleep(0.05)
     assert record, "run never started the engine and gateway"
     proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=60)
+    try:
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if record is None:
+            cli("down", "--all", env=env, timeout=120)
     assert proc.returncode == 130, err[-2000:]
     details = record["details"]
     assert_gone([details["engine"]["pid"], details["gateway"]["pid"]], [details["port"], details["engine_port"]])

@@ -14,6 +14,8 @@ import typer
 from mistral_deploy import __version__
 from mistral_deploy.errors import EXIT_INTERRUPTED, MistralDeployError
 
+DEBUG_ENV = "MISTRAL_DEPLOY_DEBUG"  # set: unexpected errors show their traceback
+
 app = typer.Typer(
     name="mistral-deploy",
     help="Put an open-weight Mistral model behind a private, secure, healthy OpenAI-compatible endpoint.",
@@ -67,4 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_INTERRUPTED
     except typer.Exit as exc:
         code = exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen OS error: one line, not a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"set {DEBUG_ENV}=1 to see where it came from", file=sys.stderr)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)

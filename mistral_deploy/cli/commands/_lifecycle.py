@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mistral_deploy.state import Deployment, StateStore
 
 
@@ -38,10 +40,32 @@ def client_env(deployment: "Deployment", store: "StateStore") -> dict[str, str]:
                                  hint=f"`mistral-deploy status {deployment.name}`")
     env = {"OPENAI_BASE_URL": deployment.endpoint, "OPENAI_API_KEY": keys[0] if keys else ""}
     if deployment.tls_ca:
-        # httpx (the openai client) reads SSL_CERT_FILE, curl CURL_CA_BUNDLE, requests REQUESTS_CA_BUNDLE
-        env.update(SSL_CERT_FILE=deployment.tls_ca, CURL_CA_BUNDLE=deployment.tls_ca,
-                   REQUESTS_CA_BUNDLE=deployment.tls_ca, MISTRAL_DEPLOY_CA_FILE=deployment.tls_ca)
+        # httpx (the openai client) reads SSL_CERT_FILE, curl CURL_CA_BUNDLE, requests REQUESTS_CA_BUNDLE:
+        # a bundle of the system's CAs plus the pinned one, so other HTTPS in the same shell still works
+        bundle = trust_bundle(deployment.tls_ca, store.dir(deployment.name) / "tls" / "trust-bundle.pem")
+        env.update(SSL_CERT_FILE=bundle, CURL_CA_BUNDLE=bundle, REQUESTS_CA_BUNDLE=bundle,
+                   MISTRAL_DEPLOY_CA_FILE=deployment.tls_ca)
     return env
+
+
+def trust_bundle(ca_file: str, target: "Path") -> str:
+    """The system's CA certificates followed by the deployment's, written once (public, 0644)."""
+    import os
+    import ssl
+    from pathlib import Path
+
+    from mistral_deploy.keys import write_private
+
+    system = ssl.get_default_verify_paths().openssl_cafile
+    if not system or not Path(system).is_file():
+        import certifi
+
+        system = certifi.where()
+    text = Path(system).read_text(encoding="utf-8") + "\n" + Path(ca_file).read_text(encoding="utf-8")
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        write_private(target, text)
+        os.chmod(target, 0o644)  # certificates only: nothing secret
+    return str(target)
 
 
 def summary(deployment: "Deployment") -> dict[str, Any]:

@@ -48,8 +48,9 @@ def run(
 
     mistral-deploy run tiny-mistral --cloud local -- python my_eval.py
 
-    If the endpoint cannot be brought up, exits with mistral-deploy's own code (see `exit-codes`: 3-9),
-    130 when interrupted before the command started.
+    Interrupted (Ctrl-C, SIGTERM) while the command runs: the signal is forwarded to it, and `run` exits
+    with its code (128+N if signal N ended it). If the endpoint cannot be brought up, exits with
+    mistral-deploy's own code (see `exit-codes`: 3-9), or 130 when interrupted before the command started.
     """
     import secrets
 
@@ -84,13 +85,18 @@ def run(
         r = loaded.recipe
 
     store = StateStore()
+    if store.dir(r.name).exists():  # never tear down a deployment this run did not create
+        from mistral_deploy.errors import DeploymentExists
+
+        raise DeploymentExists(f"a deployment named {r.name!r} already exists",
+                               hint="pick another --name, or leave --name out for a fresh one")
     backend = backend_for_recipe(r)
     progress = Progress()
     started = time.monotonic()
     result: dict[str, Any] = {"name": r.name, "command": command[0]}
     code: Optional[int] = None
-    try:
-        with sigterm_as_interrupt():
+    with sigterm_as_interrupt():
+        try:
             try:
                 deployment = backend.up(r, store, progress)
             finally:
@@ -100,35 +106,42 @@ def run(
             env.update(client_env(deployment, store))
             code = _run_command(command, env, stdout=sys.stderr if json_out else None)
             result["exit_code"] = code
-    finally:
-        result["teardown"] = _teardown(r.name, store)
-        if json_out and (code is not None or result["teardown"] != "none"):
-            out.json(result)
+        finally:
+            from mistral_deploy.processes import signals_ignored
+
+            with signals_ignored():  # a second Ctrl-C or SIGTERM does not stop the clean-up
+                result["teardown"] = _teardown(r.name, store)
+            if json_out and (code is not None or result["teardown"] != "none"):
+                out.json(result)
     if result["teardown"].startswith("failed"):
         raise MistralDeployError(f"run: {result['teardown']}", hint=f"`mistral-deploy down {r.name}` again")
     raise typer.Exit(code)
 
 
 def _run_command(command: list[str], env: dict[str, str], *, stdout: Any) -> int:
-    """Run the command; Ctrl-C and SIGTERM are forwarded to it, and it is waited for."""
+    """Run the command in its own process group and return its exit code. Ctrl-C and SIGTERM sent to
+    `run` are forwarded to it once, and it is waited for (then killed after a grace period)."""
+    from mistral_deploy.processes import signals_ignored
+
     try:
-        proc = subprocess.Popen(command, env=env, stdout=stdout)
+        proc = subprocess.Popen(command, env=env, stdout=stdout, start_new_session=True)
     except OSError as exc:
         from mistral_deploy.errors import MistralDeployError
 
         raise MistralDeployError(f"run: cannot start {command[0]!r}: {exc.strerror}") from None
     try:
         return _exit_code(proc.wait())
-    except KeyboardInterrupt as exc:  # Ctrl-C (the command got it from the terminal too) or SIGTERM
-        sig = signal.SIGTERM if "signal" in str(exc) else signal.SIGINT
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=COMMAND_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
+        with signals_ignored():
+            sig = signal.SIGTERM if "signal" in str(exc) else signal.SIGINT
+            if proc.poll() is None:
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=COMMAND_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return _exit_code(proc.returncode)
 
 
 def _exit_code(returncode: int) -> int:
@@ -136,23 +149,13 @@ def _exit_code(returncode: int) -> int:
 
 
 def _teardown(name: str, store: Any) -> str:
-    """Down the deployment whatever happened; a second Ctrl-C does not stop the clean-up."""
+    """Down the deployment whatever happened (the caller holds Ctrl-C and SIGTERM off meanwhile)."""
     from mistral_deploy.cli.commands.down import teardown
     from mistral_deploy.errors import DeploymentNotFound
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-    except ValueError:
-        previous = {}
-    try:
-        try:
-            deployment = store.load(name)
-        except DeploymentNotFound:
-            return "none"  # up removed it (interrupted locally) or never recorded it (refused by the cloud)
-        removed, failed = teardown([deployment], store)
-        return "done" if removed else f"failed: {failed.get(name)}"
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        deployment = store.load(name)
+    except DeploymentNotFound:
+        return "none"  # up removed it (interrupted locally) or never recorded it (refused by the cloud)
+    removed, failed = teardown([deployment], store)
+    return "done" if removed else f"failed: {failed.get(name)}"

@@ -1,13 +1,14 @@
 """Does `mistral-deploy bench` measure what vLLM's own benchmark measures? And is it never the bottleneck?
 
-    python benchmarks/bench_vs_vllm.py [--rounds 3] [--requests 96] [--concurrency 8]
+    python benchmarks/bench_vs_vllm.py [--rounds 5] [--requests 192] [--concurrency 8]
                                        [--input-len 64] [--output-len 64] [--api chat]
 
 Brings up a local tiny-mistral endpoint (the real vLLM CPU engine behind the real nginx gateway), then
 runs our load generator and vLLM's `vllm bench serve` with the same settings against the same URL,
 through the gateway, alternating (the order flips every round, so drift hits both alike), after one
-warm-up run. It prints each tool's requests/s, output tokens/s, TTFT p50 and ITL p50 per round, their
-means, and the ratios ours/vLLM (aim: within 10%).
+warm-up run. It prints each tool's requests/s, output tokens/s, TTFT p50 and ITL p50 per round (with the
+CPU other jobs on this shared machine used meanwhile), their medians, and the ratios ours/vLLM (aim:
+within 10%).
 
 Then it runs our generator against a trivial, fast local SSE server (a separate process, started and
 stopped here) that answers like vLLM's stream but without a model, and prints the rate the generator
@@ -33,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -51,6 +51,50 @@ json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str))},
 """
 
 FIGURES = (("requests/s", "rps"), ("output tok/s", "tps"), ("TTFT p50 ms", "ttft"), ("ITL p50 ms", "itl"))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """CPU used by processes outside this benchmark (this machine is shared) while a run lasts, in cores:
+    everything /proc/stat counts as busy, less this process, its waited-for children (vLLM's benchmark)
+    and its live descendants (engine, gateway, fake server)."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.start, self.wall = self._sample(), time.monotonic()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        end = self._sample()
+        ours = sum(end[1].get(pid, 0) - self.start[1].get(pid, 0) for pid in end[1])
+        self.cores = max(0.0, (end[0] - self.start[0] - ours) / TICKS / (time.monotonic() - self.wall))
+
+    @staticmethod
+    def _sample() -> tuple[int, dict[int, int]]:
+        busy = sum(int(v) for i, v in enumerate(Path("/proc/stat").read_text().split("\n")[0].split()[1:])
+                   if i not in (3, 4))  # all but idle and iowait
+        parents: dict[int, int] = {}
+        cpu: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(entry.name)] = int(fields[1])
+                cpu[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime, stime
+        me = os.getpid()
+        mine = {me}
+        changed = True
+        while changed:
+            changed = False
+            for pid, parent in parents.items():
+                if parent in mine and pid not in mine:
+                    mine.add(pid)
+                    changed = True
+        own = [int(v) for v in Path(f"/proc/{me}/stat").read_text().rsplit(")", 1)[1].split()[11:15]]
+        usage = {pid: cpu[pid] for pid in mine if pid != me}
+        usage[me] = sum(own)  # with the children it waited for
+        return busy, usage
 
 
 def ours(url: str, key: str, args: argparse.Namespace, requests: int) -> dict[str, float]:
@@ -155,8 +199,10 @@ async def _serve_fake(port: int) -> None:
             writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
     async with server:
-        await server.serve_forever()
+        await stopped.wait()
 
 
 def fake_server() -> tuple[subprocess.Popen[bytes], str]:
@@ -190,8 +236,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
@@ -200,7 +246,6 @@ def main() -> None:
     parser.add_argument("--fake-sse-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fake_sse_server:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         asyncio.run(_serve_fake(args.fake_sse_server))
         return
 
@@ -218,23 +263,28 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = ("ours", "vllm") if round_ % 2 == 0 else ("vllm", "ours")
             for tool in order:
-                figures = (ours(url, key, args, args.requests) if tool == "ours"
-                           else vllm(url, key, args, python, tokenizer, log))
+                with OtherLoad() as other:
+                    figures = (ours(url, key, args, args.requests) if tool == "ours"
+                               else vllm(url, key, args, python, tokenizer, log))
                 runs[tool].append(figures)
                 cells = "  ".join(f"{label} {figures[k]:8.2f}" for label, k in FIGURES)
-                print(f"  round {round_ + 1} {tool:5} {cells}")
+                print(f"  round {round_ + 1} {tool:5} {cells}  other load {other.cores:4.2f} cores")
 
-        mean = {tool: {k: statistics.mean(r[k] for r in rs) for k in ("rps", "tps", "ttft", "itl", "input")}
-                for tool, rs in runs.items()}
-        print(f"\n{'':14}{'ours':>10}{'vLLM':>10}{'ours/vLLM':>11}")
+        # medians over the rounds: one round disturbed by another job on the machine does not move them
+        keys = ("rps", "tps", "ttft", "itl", "input")
+        median = {tool: {k: statistics.median(r[k] for r in rs) for k in keys} for tool, rs in runs.items()}
+        spread = {tool: {k: (min(r[k] for r in rs), max(r[k] for r in rs)) for k in keys} for tool, rs in runs.items()}
+        print(f"\nmedian of {args.rounds} rounds (min-max over the rounds: each tool's own run-to-run spread)")
+        print(f"{'':14}{'ours':>10}{'vLLM':>10}{'ours/vLLM':>11}     {'ours min-max':>16}  {'vLLM min-max':>16}")
         for label, k in FIGURES:
-            ratio = mean["ours"][k] / mean["vllm"][k]
+            ratio = median["ours"][k] / median["vllm"][k]
             flag = "ok" if abs(ratio - 1) <= 0.10 else "OUTSIDE 10%"
-            print(f"{label:14}{mean['ours'][k]:10.2f}{mean['vllm'][k]:10.2f}{ratio:11.3f}  {flag}")
-        print(f"{'input tokens':14}{mean['ours']['input']:10.1f}{mean['vllm']['input']:10.1f}"
+            ranges = "  ".join(f"{spread[t][k][0]:8.2f}-{spread[t][k][1]:<7.2f}" for t in ("ours", "vllm"))
+            print(f"{label:14}{median['ours'][k]:10.2f}{median['vllm'][k]:10.2f}{ratio:11.3f} {flag:4} {ranges}")
+        print(f"{'input tokens':14}{median['ours']['input']:10.1f}{median['vllm']['input']:10.1f}"
               "   (mean prompt tokens as the endpoint counted them, chat template included)")
-        engine_cpu = statistics.mean(r["cpu"] for r in runs["ours"])
-        engine_tps = mean["ours"]["tps"]
+        engine_cpu = statistics.median(r["cpu"] for r in runs["ours"])
+        engine_tps, engine_rps = median["ours"]["tps"], median["ours"]["rps"]
 
     proc, fake_url = fake_server()
     try:
@@ -243,13 +293,16 @@ def main() -> None:
     finally:
         stop(proc)
     print(f"\nload generator against a trivial local SSE server ({args.fake_requests} requests, same concurrency "
-          f"and lengths; server in its own process on the same cores):")
+          f"and lengths; the server in its own process on the same cores):")
     print(f"  sustains   {fake['tps']:10.0f} output tok/s  {fake['rps']:8.1f} req/s  "
           f"(generator CPU {fake['cpu']:.0%} of one core)")
-    print(f"  on engine  {engine_tps:10.0f} output tok/s  {mean['ours']['rps']:8.1f} req/s  "
+    print(f"  on engine  {engine_tps:10.0f} output tok/s  {engine_rps:8.1f} req/s  "
           f"(generator CPU {engine_cpu:.0%} of one core)")
     print(f"  headroom   {fake['tps'] / engine_tps:10.1f}x")
-
+    # On the engine every token chunk arrives in a read of its own, the generator's costliest case.
+    per_token = engine_cpu / engine_tps
+    print(f"  on the engine the generator spent {per_token * 1e6:.0f} us of CPU per streamed token: one core "
+          f"keeps up with ~{1 / per_token:,.0f} tok/s even when every token arrives alone")
 
 if __name__ == "__main__":
     main()

@@ -4,3 +4,4 @@ from mistral_deploy.cli.commands import plan, recipes, render, schema, validate 
 from mistral_deploy.cli.commands import tunnel  # noqa: F401,E402
 from mistral_deploy.cli.commands import down, engine, env, exit_codes, logs, run, status, up  # noqa: F401,E402
 from mistral_deploy.cli.commands import doctor, init  # noqa: F401,E402
+from mistral_deploy.cli.commands import bench  # noqa: F401,E402

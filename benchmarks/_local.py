@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from mistral_deploy.skysdk import free_port  # noqa: F401  (the benchmarks import it from here)
 
 
 @contextmanager

@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
-from mistral_deploy.keys import generate_api_key, generate_tls, write_private
+from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.render import (
     API_KEYS_SECRET,
-    HF_TOKEN_SECRET,
     PROBE_KEY_SECRET,
     VM_STATE_DIR,
     cloud_config,
@@ -69,25 +68,11 @@ def resource_name(deployment_name: str) -> str:
 
 def launch_secrets(recipe: "Recipe") -> dict[str, str]:
     """Secrets other than the API keys: the Hugging Face token, from the user's environment."""
-    if not recipe.model.hf_token:
-        return {}
-    token = os.environ.get(HF_TOKEN_SECRET, "").strip()
-    if not token:
-        raise MistralDeployError(
-            f"{recipe.model.id} is gated on the Hugging Face Hub (model.hf_token: true) and HF_TOKEN is not set",
-            hint="export HF_TOKEN=hf_... (a token with access to the model); it travels as a SkyPilot secret",
-        )
-    return {HF_TOKEN_SECRET: token}
+    return hf_token_secret(recipe)
 
 
 def _scheme(tls: bool) -> str:
     return "https" if tls else "http"
-
-
-def _recipe_of(deployment: Deployment) -> "Recipe":
-    from mistral_deploy.recipe import Recipe
-
-    return Recipe.model_validate(deployment.recipe)
 
 
 class _JobLog:
@@ -357,7 +342,7 @@ class CloudBackend(_CloudBase):
 
     def open_tunnel(self, deployment: Deployment, *, local_port: Optional[int] = None) -> Tunnel:
         """For `mistral-deploy tunnel`: a local port forwarded to a private deployment's gateway."""
-        recipe = _recipe_of(deployment)
+        recipe = deployment.recipe_model()
         if recipe.network.mode != "private":
             raise MistralDeployError(
                 f"{deployment.name} is a {recipe.network.mode} endpoint; no tunnel is needed: {deployment.endpoint}")

@@ -8,6 +8,10 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mistral_deploy.recipe import Recipe
 
 API_KEY_PREFIX = "md-"
 
@@ -15,6 +19,25 @@ API_KEY_PREFIX = "md-"
 def generate_api_key() -> str:
     """A URL-safe key with 256 bits from the OS's CSPRNG."""
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hf_token_secret(recipe: "Recipe") -> dict[str, str]:
+    """{HF_TOKEN: token} from the user's environment for a gated model, {} otherwise; reported before
+    anything is created when it is missing. The token travels as a secret, never as an argument."""
+    from mistral_deploy.render import HF_TOKEN_SECRET
+
+    if not recipe.model.hf_token:
+        return {}
+    token = os.environ.get(HF_TOKEN_SECRET, "").strip()
+    if not token:
+        from mistral_deploy.errors import MistralDeployError
+
+        raise MistralDeployError(
+            f"{recipe.model.id} is gated on the Hugging Face Hub (model.hf_token: true) and HF_TOKEN is not set",
+            hint="export HF_TOKEN=hf_... (a token with access to the model); it is passed on as a secret "
+                 "(a SkyPilot secret on clouds, the engine's environment locally)",
+        )
+    return {HF_TOKEN_SECRET: token}
 
 
 def write_private(path: Path, data: str | bytes) -> Path:

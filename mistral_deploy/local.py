@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from mistral_deploy import engine, processes
 from mistral_deploy.errors import EngineError, MistralDeployError, NotReadyError
 from mistral_deploy.gateway import GatewayLayout, listen_host_for, render_gateway_config, render_keys_map
-from mistral_deploy.keys import generate_api_key, generate_tls, write_private
+from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.processes import ProcessRef
-from mistral_deploy.render import HF_TOKEN_SECRET, engine_args
+from mistral_deploy.render import engine_args
+from mistral_deploy.skysdk import free_port, port_open  # plain sockets; sky itself is not imported
 from mistral_deploy.state import Deployment
 
 if TYPE_CHECKING:
@@ -59,12 +60,6 @@ def find_nginx() -> str:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def port_problem(host: str, port: int) -> Optional[str]:
     """Why the gateway could not bind host:port, or None. SO_REUSEADDR as nginx sets it: connections
     of a gateway stopped a moment ago (TIME_WAIT) do not make the port busy."""
@@ -83,14 +78,6 @@ def port_problem(host: str, port: int) -> Optional[str]:
     return None
 
 
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def local_ipv4_addresses() -> list[str]:
     """This machine's IPv4 addresses (loopback first): the hosts a public local endpoint's certificate names."""
     addresses = ["127.0.0.1"]
@@ -106,12 +93,6 @@ def local_ipv4_addresses() -> list[str]:
     return addresses
 
 
-def _recipe_of(deployment: Deployment) -> "Recipe":
-    from mistral_deploy.recipe import Recipe
-
-    return Recipe.model_validate(deployment.recipe)
-
-
 class LocalBackend:
     kind = "local"
 
@@ -119,7 +100,7 @@ class LocalBackend:
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
         nginx = find_nginx()
         python = engine.engine_python()
-        hf_env = self._hf_env(recipe)
+        hf_env = hf_token_secret(recipe)  # a missing token is reported before anything exists
         mode = recipe.network.mode
         if mode == "vpc":
             raise EngineError("network.mode: vpc is for clouds; locally use private or public (--network)")
@@ -217,18 +198,6 @@ class LocalBackend:
             if isinstance(exc, MistralDeployError) and not exc.hint:
                 exc.hint = f"`mistral-deploy down {recipe.name}` removes the record"
             raise
-
-    @staticmethod
-    def _hf_env(recipe: "Recipe") -> dict[str, str]:
-        if not recipe.model.hf_token:
-            return {}
-        token = os.environ.get(HF_TOKEN_SECRET, "").strip()
-        if not token:
-            raise MistralDeployError(
-                f"{recipe.model.id} is gated on the Hugging Face Hub (model.hf_token: true) and HF_TOKEN is not set",
-                hint="export HF_TOKEN=hf_... (a token with access to the model); the engine gets it in its environment",
-            )
-        return {HF_TOKEN_SECRET: token}
 
     @staticmethod
     def _engine_env(recipe: "Recipe", tmpdir: Path, hf_env: dict[str, str]) -> dict[str, str]:
@@ -333,7 +302,7 @@ class LocalBackend:
             "endpoint": deployment.endpoint,
             "ip": ip,
             "network": mode,
-            "model": _recipe_of(deployment).served_model_name,
+            "model": deployment.recipe_model().served_model_name,
             "engine_running": engine_up,
             "gateway_running": gateway_up,
             "engine_pid": (details.get("engine") or {}).get("pid"),

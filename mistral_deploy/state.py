@@ -20,11 +20,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from mistral_deploy.errors import DeploymentExists, DeploymentNotFound
 from mistral_deploy.keys import write_private
 from mistral_deploy.paths import data_dir
+
+if TYPE_CHECKING:
+    from mistral_deploy.recipe import Recipe
 
 RECORD = "deployment.json"
 API_KEYS = "api_keys"
@@ -42,6 +45,12 @@ class Deployment:
     endpoint: Optional[str] = None  # base URL clients use, e.g. https://1.2.3.4:8443/v1
     tls_ca: Optional[str] = None  # path of the CA/certificate file clients pin
     details: dict[str, Any] = field(default_factory=dict)  # backend-specific: pids, ports, cluster name
+
+    def recipe_model(self) -> "Recipe":
+        """The recorded recipe, validated again (it was valid when recorded)."""
+        from mistral_deploy.recipe import Recipe
+
+        return Recipe.model_validate(self.recipe)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

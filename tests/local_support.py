@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 import pytest
 
 from conftest import _CLOUD_ENV_PREFIXES, ENGINE_PYTHON
+from mistral_deploy.skysdk import free_port  # noqa: F401  (re-exported for the tests)
 
 CLI = shutil.which("mistral-deploy", path=str(Path(sys.executable).parent)) or shutil.which("mistral-deploy")
 UP_TIMEOUT = 600
@@ -51,12 +52,6 @@ def cli(*args: str, env: dict[str, str], timeout: float = UP_TIMEOUT) -> subproc
     assert CLI, "mistral-deploy is not installed: pip install -e '.[test]'"
     return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_free(port: int, host: str = "0.0.0.0") -> bool:

@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from local_support import (
-    CLI, Deployed, assert_gone, cli, cli_env, down_and_assert_gone, make_hosts, pid_alive, read_deployed, up,
+    CLI, Deployed, assert_gone, cli, cli_env, down_and_assert_gone, free_port, make_hosts, pid_alive, read_deployed,
+    up,
 )
 
 pytestmark = pytest.mark.engine
@@ -32,17 +33,11 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iter
     """One private endpoint for the module: up through the CLI, down (and checked) at the end."""
     home = tmp_path_factory.mktemp("endpoint")
     env = cli_env(home, models_dir)
-    deployed = up("shared", home, env, "--port", str(_free_port()))
+    deployed = up("shared", home, env, "--port", str(free_port()))
     try:
         yield deployed
     finally:
         down_and_assert_gone(deployed)
-
-
-def _free_port() -> int:
-    from local_support import free_port
-
-    return free_port()
 
 
 def _raw(deployed: Deployed, method: str, path: str, headers: dict[str, str] | None = None,
@@ -245,7 +240,7 @@ def test_a_busy_port_is_one_line_naming_the_flag(endpoint):
 
 def test_engine_dying_while_loading_fails_up_fast_with_the_log_tail(tmp_path, models_dir):
     env = cli_env(tmp_path, models_dir)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([CLI, "up", "tiny-mistral", "--cloud", "local", "--name", "dies", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -294,7 +289,7 @@ def test_public_endpoint_from_other_hosts_tls_cidrs_then_engine_crash(tmp_path, 
         assert code == 7  # curl: could not connect
 
         env = cli_env(tmp_path, models_dir)
-        public = up("public", tmp_path, env, "--port", str(_free_port()), "--network", "public",
+        public = up("public", tmp_path, env, "--port", str(free_port()), "--network", "public",
                     "--allow", f"{allowed.address}/32")
         try:
             assert public.endpoint.startswith("https://") and public.ca

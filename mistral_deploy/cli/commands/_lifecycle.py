@@ -70,9 +70,7 @@ def trust_bundle(ca_file: str, target: "Path") -> str:
 
 def summary(deployment: "Deployment") -> dict[str, Any]:
     """What `up --json` and `run --json` say about a deployment: never a key."""
-    from mistral_deploy.recipe import Recipe
-
-    recipe = Recipe.model_validate(deployment.recipe)
+    recipe = deployment.recipe_model()
     return {
         "name": deployment.name,
         "backend": deployment.backend,
@@ -86,9 +84,7 @@ def summary(deployment: "Deployment") -> dict[str, Any]:
 
 
 def usage_lines(deployment: "Deployment") -> list[str]:
-    from mistral_deploy.recipe import Recipe
-
-    model = Recipe.model_validate(deployment.recipe).served_model_name
+    model = deployment.recipe_model().served_model_name
     cacert = ' --cacert "$MISTRAL_DEPLOY_CA_FILE"' if deployment.tls_ca else ""
     lines = [
         f"endpoint: {deployment.endpoint}",

@@ -57,8 +57,8 @@ def run(
     from mistral_deploy.backends import backend_for_recipe
     from mistral_deploy.cli.commands._lifecycle import client_env, sigterm_as_interrupt, summary
     from mistral_deploy.errors import MistralDeployError
-    from mistral_deploy.local import free_port
     from mistral_deploy.progress import Progress
+    from mistral_deploy.skysdk import free_port
     from mistral_deploy.state import StateStore
 
     out = Output(json_mode=json_out)
@@ -70,19 +70,12 @@ def run(
         raise MistralDeployError(f"run: command not found: {command[0]!r} (nothing was started)")
     flags = overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot, network=network,
                       allow=allow, ttl=ttl, port=port)
-    loaded = load(recipe, flags)
-    r = loaded.recipe
+    r = load(recipe, flags).recipe
     # Parallel CI jobs must not collide: a fresh name, and locally a free port, unless given.
-    changes: dict[str, Any] = {}
-    if name is None:
-        changes["name"] = f"{r.name[:26]}-{secrets.token_hex(4)}"
-    if r.is_local and port is None:
-        changes["port"] = free_port()
-    if changes:
-        loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model,
-                                        name=changes.get("name", name), spot=spot, network=network, allow=allow,
-                                        ttl=ttl, port=changes.get("port", port)))
-        r = loaded.recipe
+    if name is None or (r.is_local and port is None):
+        flags.name = name or f"{r.name[:26]}-{secrets.token_hex(4)}"
+        flags.port = port if port is not None or not r.is_local else free_port()
+        r = load(recipe, flags).recipe
 
     store = StateStore()
     if store.dir(r.name).exists():  # never tear down a deployment this run did not create

@@ -27,6 +27,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
+from mistral_deploy.failures import explain
+from mistral_deploy.infra import check_gpus_offered, check_launchable
+from mistral_deploy.progress import PhaseClock
 from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.render import (
     API_KEYS_SECRET,
@@ -50,6 +53,10 @@ VM_CERT_PATH = VM_STATE_DIR.replace("$HOME", "~") + "/gateway/tls/cert.pem"
 CA_FILE = "tls/ca.pem"  # under the deployment's folder
 LOG_TAIL_LINES = 40
 _PHASE_RE = re.compile(r"mistral-deploy: phase ([a-z][a-z-]*)")
+# The engine's own lines (vLLM 0.32) that start a phase of `up`: the weights load, then the warm-up
+# (profiling, KV cache, CUDA graphs) until the server answers.
+_ENGINE_PHASES = ((re.compile(r"Starting to load model"), "weights"),
+                  (re.compile(r"Loading weights took|Model loading took"), "warmup"))
 # SkyPilot's lines once the VM is provisioned: runtime and our setup follow.
 _SKY_SETUP_MARKERS = ("Cluster launched", "Running setup", "Setup detached", "Job submitted")
 # Phases the run script reaches only once setup (image pulls, TLS certificate) is done.
@@ -78,6 +85,8 @@ def _scheme(tls: bool) -> str:
 class _JobLog:
     """The job's log, followed in a thread: phases from our scripts' markers, and the last lines."""
 
+    REOPEN_AFTER = 2.0  # seconds before following again a stream that ended while the job runs
+
     def __init__(self, on_phase: Callable[[str, str], None]) -> None:
         self._on_phase = on_phase
         self.lines: deque[str] = deque(maxlen=400)
@@ -91,20 +100,37 @@ class _JobLog:
     def feed(self, line: str) -> None:
         self.lines.append(line)
         match = _PHASE_RE.search(line)
-        if match:
-            phase = match.group(1)
+        phase = match.group(1) if match else next((p for rx, p in _ENGINE_PHASES if rx.search(line)), None)
+        if phase and phase not in self.phases:
             with self._changed:
                 self.phases.append(phase)
                 self._changed.notify_all()
             self._on_phase(phase, "")
 
-    def follow(self, lines: Iterator[str]) -> None:
+    def follow(self, open_lines: Callable[[], Iterator[str]], job_finished: Callable[[], bool]) -> None:
+        """Follow the job's log until the job ends. SkyPilot's log stream can end while the job still
+        runs (seen on Slurm during setup): then it is opened again, skipping the lines already read."""
+
         def run() -> None:
+            seen = 0
             try:
-                for line in lines:
-                    self.feed(line)
+                while not self.stop.is_set():
+                    count = 0
+                    for line in open_lines():
+                        count += 1
+                        if count <= seen:
+                            continue
+                        seen = count
+                        self.feed(line)
+                        if self.stop.is_set():
+                            return
                     if self.stop.is_set():
                         return
+                    if job_finished():
+                        break
+                    self.stop.wait(self.REOPEN_AFTER)
+                else:
+                    return
                 self.ended.set()
             except BaseException as exc:  # noqa: BLE001 - reported through `failed`
                 self.failed = exc
@@ -201,19 +227,23 @@ class CloudBackend(_CloudBase):
         check_fit(recipe)
         secrets = launch_secrets(recipe)  # a missing HF_TOKEN is reported before anything exists
         task_config = render_task(recipe)
+        sdk = self.sdk
+        check_launchable(recipe, sdk)  # what the clouds cannot do, said before anything exists
+        check_gpus_offered(recipe, sdk)
         cluster_name = resource_name(recipe.name)
         mode = recipe.network.mode
         deployment = self._reserve(recipe, store, {"cluster": cluster_name, "network": mode,
                                                    "last_phase": "provisioning"})
-        sdk = self.sdk
         job_log: Optional[_JobLog] = None
         tunnel: Optional[Tunnel] = None
+        clock = PhaseClock()
 
         lock = threading.Lock()  # phases come from the job-log thread and from the probe
 
         def phase(name: str, detail: str = "") -> None:
             with lock:
                 deployment.details["last_phase"] = name
+                clock.enter(name)
                 progress.phase(name, detail)
 
         try:
@@ -246,11 +276,17 @@ class CloudBackend(_CloudBase):
                 phase("setup", f"{cluster.instance_type or ''} in {cluster.cloud}/{cluster.region}".strip())
 
             job_log = _JobLog(lambda name, detail: phase(name, detail))
-            job_log.follow(sdk.tail_job(cluster_name, result.job_id, follow=True, stop=job_log.stop))
+            job_id = result.job_id
+            job_log.follow(lambda: sdk.tail_job(cluster_name, job_id, follow=True, stop=job_log.stop),
+                           lambda: sdk.job_finished(cluster_name, job_id))
             deadline = time.monotonic() + recipe.health.readiness_timeout
+            # the gateway and its certificate exist once setup is done and the run script has started
+            started = job_log.wait_for(_RUN_PHASES, deadline)
+            if not started and job_log.failed is None:
+                raise NotReadyError(f"setup did not finish on {cluster_name}", log_tail=job_log.tail())
             tls = vm_gateway_tls(recipe)
             if tls:
-                pem = self._vm_certificate(cluster_name, job_log, deadline)
+                pem = self._vm_certificate(cluster_name, started, deadline)
                 deployment.tls_ca = self._store_ca(store, recipe.name, pem)
 
             endpoint, tunnel = self._connect(recipe, cluster, tls)
@@ -264,18 +300,23 @@ class CloudBackend(_CloudBase):
             probe.wait_ready(
                 endpoint, keys[0], recipe.served_model_name, ca_file=deployment.tls_ca,
                 timeout=max(1.0, deadline - time.monotonic()), interval=recipe.health.probe_interval,
-                alive=job_log.alive, on_phase=lambda name: phase(name), task=recipe.model.task,
+                alive=job_log.alive, task=recipe.model.task,
+                # the job's log says how far the engine is; the probe's first step only says it is probing
+                on_phase=lambda name: name != probe.STEP_HEALTH and phase(name),
             )
             deployment.phase = "ready"
             deployment.details["last_phase"] = "ready"
+            deployment.details["phases"] = clock.times()
             store.save(deployment)
             progress.done(_ready_message(deployment))
             return deployment
         except NotReadyError as exc:
             tail = exc.log_tail or (job_log.tail() if job_log else "") or self._log_tail(deployment)
-            self._fail(deployment, store, exc.message)
+            message = explain(tail) or exc.message
+            deployment.details["phases"] = clock.times()
+            self._fail(deployment, store, message)
             raise NotReadyError(
-                exc.message,
+                message,
                 hint=f"the cluster is kept for inspection: `mistral-deploy logs {recipe.name}`; "
                      f"`mistral-deploy down {recipe.name}` removes it",
                 log_tail=tail,
@@ -298,12 +339,10 @@ class CloudBackend(_CloudBase):
             if tunnel is not None:
                 tunnel.close()
 
-    def _vm_certificate(self, cluster_name: str, job_log: _JobLog, deadline: float) -> str:
-        """The gateway's certificate, made by the setup script: read once the run script has started."""
+    def _vm_certificate(self, cluster_name: str, started: bool, deadline: float) -> str:
+        """The gateway's certificate, made by the setup script: read once the run script has started
+        (`started`), or, when the job's log could not be followed, as soon as it can be read."""
         while True:
-            started = job_log.wait_for(_RUN_PHASES, deadline)
-            if not started and job_log.failed is None:
-                raise NotReadyError(f"setup did not finish on {cluster_name}", log_tail=job_log.tail())
             try:
                 return self.sdk.read_head_file(cluster_name, VM_CERT_PATH)
             except CloudError:
@@ -452,10 +491,12 @@ class ServeBackend(_CloudBase):
                 "service cannot restrict source CIDRs; deploy one VM (no replicas) to restrict them")
         secrets = launch_secrets(recipe)
         task_config = render_task(recipe)
+        sdk = self.sdk
+        check_launchable(recipe, sdk)
+        check_gpus_offered(recipe, sdk)
         service_name = resource_name(recipe.name)
         deployment = self._reserve(recipe, store, {"service": service_name, "network": "public",
                                                    "last_phase": "provisioning"})
-        sdk = self.sdk
 
         def phase(name: str, detail: str = "") -> None:
             if deployment.details.get("last_phase") != name or detail:
@@ -649,7 +690,8 @@ def _ready_message(deployment: Deployment) -> str:
         spot = " spot" if d.get("use_spot") else ""
         where = f" on {d['instance_type']}{spot} ({d.get('cloud')}/{d.get('region')})"
     price = d.get("hourly_price")
-    cost = f", ${price:.2f}/hour" if isinstance(price, (int, float)) else ""
+    # infrastructure without a price list (Slurm, Kubernetes) reports 0: say nothing rather than $0.00
+    cost = f", ${price:.2f}/hour" if isinstance(price, (int, float)) and price > 0 else ""
     text = f"{deployment.name} is ready at {deployment.endpoint}{where}{cost}"
     if d.get("network") == "private":
         text += f"; reach it with `mistral-deploy tunnel {deployment.name}`"

@@ -69,3 +69,25 @@ class Progress:
 
     def close(self) -> None:
         self._stop()
+
+
+class PhaseClock:
+    """How long each phase of `up` took, in order: what a deployment records as `phases` (status --json)."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+        self._marks: list[tuple[str, float]] = []
+
+    def enter(self, name: str) -> None:
+        if not self._marks or self._marks[-1][0] != name:
+            self._marks.append((name, time.monotonic()))
+
+    def times(self) -> dict[str, float]:
+        """Seconds per phase (a phase entered twice adds up), the last one until now, and `total`."""
+        now = time.monotonic()
+        ends = [at for _name, at in self._marks[1:]] + [now]
+        out: dict[str, float] = {}
+        for (name, at), end in zip(self._marks, ends):
+            out[name] = round(out.get(name, 0.0) + end - at, 2)
+        out["total"] = round(now - self._start, 2)
+        return out

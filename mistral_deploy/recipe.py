@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -30,6 +30,7 @@ from pydantic import (
 
 from mistral_deploy import resources_dir
 from mistral_deploy.errors import RecipeError
+from mistral_deploy.infra import canonical_cloud
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 DEFAULT_RECIPE = "mistral-7b-instruct"
@@ -49,6 +50,8 @@ _OWNED_ENGINE_FLAGS = ("--host", "--port", "--uds", "--api-key", "--model", "--s
                        "--tensor-parallel-size", "--config", "--root-path", "--ssl-keyfile", "--ssl-certfile",
                        "--allowed-origins")
 _SECRET_ENV_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|PRIVATE_KEY)", re.IGNORECASE)
+# What a vpc-mode gateway admits by default: the private address ranges (RFC 1918, IPv6 ULA).
+PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 
 
 def parse_duration(value: object) -> object:
@@ -202,9 +205,43 @@ class EngineSpec(_Spec):
         return env
 
 
+def _parse_clouds(value: object) -> object:
+    """'aws', 'aws,gcp' or [aws, gcp] -> 'aws' or ['aws', 'gcp'], SkyPilot's names (aliases resolved)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a cloud name such as aws, or several in order of preference (aws,gcp)")
+    names: list[str] = []
+    for item in items:
+        name = str(item).strip()
+        if not re.match(r"^[a-z][a-z0-9-]*$", name):
+            raise ValueError(f"expected a lower-case cloud name such as aws, gcp, azure or local, got {name!r}")
+        if name != LOCAL_CLOUD:
+            name = canonical_cloud(name)
+        if name in names:
+            raise ValueError(f"{name} is named twice")
+        names.append(name)
+    if LOCAL_CLOUD in names and len(names) > 1:
+        raise ValueError("local runs on this machine and cannot be combined with clouds")
+    return names[0] if len(names) == 1 else names
+
+
+_PER_CLOUD_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}],
+}
+PerCloud = Annotated[Union[str, dict[str, str]], WithJsonSchema(_PER_CLOUD_JSON_SCHEMA)]
+
+
 class ResourcesSpec(_Spec):
-    cloud: Optional[str] = Field(None, description="aws, gcp, azure, kubernetes, ... or local")
-    region: Optional[str] = None
+    cloud: Annotated[
+        Optional[Union[str, list[str]]],
+        BeforeValidator(_parse_clouds),
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                                  {"type": "null"}]}),
+    ] = Field(None, description="aws, gcp, azure, kubernetes, slurm, ... or local; several (aws,gcp) in order "
+                                "of preference, for SkyPilot to fail over between them")
+    region: Optional[PerCloud] = Field(None, description="a region, or one per cloud: {aws: us-east-1, gcp: ...}")
     gpu: Annotated[list[GpuRequest], BeforeValidator(_parse_gpus), WithJsonSchema(_GPUS_JSON_SCHEMA)] = Field(
         default_factory=list, description="NAME:COUNT, or a list of candidates in order of preference"
     )
@@ -213,12 +250,15 @@ class ResourcesSpec(_Spec):
     disk_size: int = Field(256, ge=50, le=4096, description="GB")
     tensor_parallel: Optional[int] = Field(None, ge=1, le=16)
 
-    @field_validator("cloud")
-    @classmethod
-    def _cloud_name(cls, cloud: Optional[str]) -> Optional[str]:
-        if cloud is not None and not re.match(r"^[a-z][a-z0-9-]*$", cloud):
-            raise ValueError(f"expected a lower-case cloud name such as aws, gcp, azure or local, got {cloud!r}")
-        return cloud
+    @property
+    def clouds(self) -> list[str]:
+        """The clouds named, in order of preference ([] for any enabled cloud)."""
+        if self.cloud is None:
+            return []
+        return [self.cloud] if isinstance(self.cloud, str) else list(self.cloud)
+
+    def region_for(self, cloud: str) -> Optional[str]:
+        return self.region.get(cloud) if isinstance(self.region, dict) else self.region
 
 
 def _parse_cidrs(value: object) -> object:
@@ -243,8 +283,19 @@ class NetworkSpec(_Spec):
     )
     port: int = Field(8443, ge=1, le=65535, description="the gateway port, the only one that listens")
     tls: Optional[bool] = Field(None, description="default: on for public endpoints")
-    vpc_name: Optional[str] = None
+    vpc_name: Optional[PerCloud] = Field(None, description="vpc mode: the VPC, or one per cloud")
     max_body_size: str = Field("4m", pattern=r"^[0-9]+[kKmM]?$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vpc_allow(cls, value: object) -> object:
+        # inside a VPC the gateway admits the private ranges by default, not the whole internet
+        if isinstance(value, dict) and value.get("mode") == "vpc" and value.get("allow") is None:
+            return {**value, "allow": list(PRIVATE_RANGES)}
+        return value
+
+    def vpc_name_for(self, cloud: str) -> Optional[str]:
+        return self.vpc_name.get(cloud) if isinstance(self.vpc_name, dict) else self.vpc_name
 
 
 class AuthSpec(_Spec):
@@ -316,6 +367,19 @@ class Recipe(_Spec):
             raise ValueError("auth.enabled: a public endpoint must require API keys; use network.mode: private")
         if self.engine.port == net.port:
             raise ValueError(f"engine.port: must differ from network.port ({net.port})")
+        clouds = res.clouds
+        for field_name, value in (("resources.region", res.region), ("network.vpc_name", net.vpc_name)):
+            if isinstance(value, str) and len(clouds) > 1:
+                raise ValueError(f"{field_name}: with several clouds ({', '.join(clouds)}) it belongs to one of "
+                                 f"them; give it per cloud, e.g. {{{clouds[0]}: {value}}}")
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - set(clouds))
+                if unknown:
+                    raise ValueError(f"{field_name}: {', '.join(unknown)} is not among the recipe's clouds "
+                                     f"({', '.join(clouds) or 'none named'})")
+        if net.mode == "vpc" and "aws" in clouds and not net.vpc_name_for("aws"):
+            raise ValueError("network.vpc_name: vpc mode on AWS needs the VPC's name (a VPC with private subnets "
+                             "and a NAT gateway: the VM has no public address); see docs/cloud.md")
         if res.tensor_parallel and res.gpu:
             for gpu in res.gpu:
                 if gpu.count % res.tensor_parallel:
@@ -496,10 +560,16 @@ def format_validation_error(exc: ValidationError, source: str, overrides: Overri
     # an unknown key usually explains a "missing" one (a typo), so it is the one to report
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-")))
-    where = _location(loc, overrides)
     message = _describe(first, loc)
+    relation = _RELATION_RE.match(message) if not loc else None
+    if relation:  # a relation between fields names the field it is about: report it there
+        loc, message = tuple(relation.group(1).split(".")), relation.group(2)
+    where = _location(loc, overrides)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{source}: {where}: {message}{more}"
+
+
+_RELATION_RE = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+): (.*)$", re.DOTALL)
 
 
 def _location(loc: tuple[Any, ...], overrides: Overrides) -> str:

@@ -30,10 +30,17 @@ VM_STATE_DIR = "$HOME/.mistral-deploy"
 VM_GATEWAY_DIR = "/etc/mistral-deploy"
 
 
-def engine_args(recipe: Recipe, *, model: str, host: str, port: int) -> list[str]:
-    """The vLLM server's arguments, shared by the local backend and the VM. Never a secret."""
+def engine_args(recipe: Recipe, *, model: str, host: str, port: int, model_positional: bool = False,
+                tensor_parallel: bool = True) -> list[str]:
+    """The vLLM server's arguments, shared by the local backend and the VM. Never a secret.
+
+    model_positional: the model as the first argument, as `vllm serve MODEL` (the official image's
+    entrypoint) wants it; `--model` otherwise (`python -m vllm.entrypoints.openai.api_server`).
+    tensor_parallel: include `--tensor-parallel-size`; the VM's run script adds it itself, from the GPUs
+    SkyPilot actually gave (see `vm_tensor_parallel`).
+    """
     m = recipe.model
-    args: list[str] = []
+    args: list[str] = [model] if model_positional else []
     if m.revision:
         args += ["--revision", m.revision]
     if m.dtype != "auto":
@@ -42,7 +49,7 @@ def engine_args(recipe: Recipe, *, model: str, host: str, port: int) -> list[str
         args += ["--quantization", m.quantization]
     if m.max_model_len:
         args += ["--max-model-len", str(m.max_model_len)]
-    if recipe.tensor_parallel_size > 1:
+    if tensor_parallel and recipe.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(recipe.tensor_parallel_size)]
     if not recipe.is_local:
         args += ["--gpu-memory-utilization", str(recipe.engine.gpu_memory_utilization)]
@@ -50,13 +57,20 @@ def engine_args(recipe: Recipe, *, model: str, host: str, port: int) -> list[str
         args += ["--runner", "pooling"]
     args += list(m.vllm_args)
     # Ours come last: where the engine listens and what it serves win over anything before them.
+    if not model_positional:
+        args += ["--model", model]
     args += [
-        "--model", model,
         "--served-model-name", recipe.served_model_name,
         "--host", host,
         "--port", str(port),
     ]
     return args
+
+
+def vm_tensor_parallel(recipe: Recipe) -> Optional[int]:
+    """A tensor-parallel size fixed by the recipe, or None: the VM uses every GPU SkyPilot gave it
+    ($SKYPILOT_NUM_GPUS_PER_NODE), so GPU candidates with different counts (A100-80GB:1, L40S:2) all work."""
+    return recipe.resources.tensor_parallel
 
 
 def vm_gateway_tls(recipe: Recipe) -> bool:
@@ -77,7 +91,8 @@ def vm_gateway_layout(recipe: Recipe) -> GatewayLayout:
         pid_file="/tmp/nginx.pid",
         error_log="/dev/stderr",
         access_log="/dev/stdout",
-        temp_dir="/tmp/nginx",
+        # nginx creates only the last folder of a temp path: /tmp exists in every image, /tmp/nginx does not
+        temp_dir="/tmp",
         tls_cert=f"{VM_GATEWAY_DIR}/tls/cert.pem" if tls else None,
         tls_key=f"{VM_GATEWAY_DIR}/tls/key.pem" if tls else None,
     )
@@ -86,10 +101,14 @@ def vm_gateway_layout(recipe: Recipe) -> GatewayLayout:
 def _resources(recipe: Recipe) -> dict[str, Any]:
     res = recipe.resources
     out: dict[str, Any] = {}
-    if res.cloud:
-        out["infra"] = f"{res.cloud}/{res.region}" if res.region else res.cloud
+    infras = [_infra(res.region_for(cloud), cloud) for cloud in res.clouds]
+    if len(infras) == 1:
+        out["infra"] = infras[0]
     out["disk_size"] = res.disk_size
-    if recipe.network.mode == "public" and recipe.replicas is None:
+    if recipe.network.mode in ("public", "vpc"):
+        # public: opened to the world, the gateway enforcing network.allow; vpc: the VM has only a private
+        # address, so the opened port is reachable inside the VPC alone. SkyServe replicas need it too: the
+        # load balancer reaches each replica at this port.
         out["ports"] = [recipe.network.port]
     if recipe.lifetime.ttl:
         # A serving job never goes idle, so the idle rule alone never fires: wait for nothing.
@@ -103,18 +122,27 @@ def _resources(recipe: Recipe) -> dict[str, Any]:
     # (SkyServe wants all spot or none) and falls back through its replica policy instead.
     ordered_fallback = res.spot and res.spot_fallback and recipe.replicas is None
     spot_modes = [True, False] if ordered_fallback else [res.spot]
-    for gpu in res.gpu or [None]:
-        for spot in spot_modes:
-            choice: dict[str, Any] = {}
-            if gpu is not None:
-                choice["accelerators"] = str(gpu)
-            choice["use_spot"] = spot
-            choices.append(choice)
+    # Several clouds: every cloud x GPU x spot choice, in order of preference; SkyPilot skips the ones a
+    # cloud does not offer and fails over to the next on a capacity error.
+    for infra in (infras if len(infras) > 1 else [None]):
+        for gpu in res.gpu or [None]:
+            for spot in spot_modes:
+                choice: dict[str, Any] = {}
+                if infra is not None:
+                    choice["infra"] = infra
+                if gpu is not None:
+                    choice["accelerators"] = str(gpu)
+                choice["use_spot"] = spot
+                choices.append(choice)
     if len(choices) == 1:
         out.update(choices[0])
     else:
         out["ordered"] = choices
     return out
+
+
+def _infra(region: Optional[str], cloud: str) -> str:
+    return f"{cloud}/{region}" if region else cloud
 
 
 def _model_source(recipe: Recipe) -> str:
@@ -139,7 +167,8 @@ def render_setup(recipe: Recipe) -> str:
 
 
 def render_run(recipe: Recipe) -> str:
-    args = engine_args(recipe, model=_model_source(recipe), host="0.0.0.0", port=ENGINE_CONTAINER_PORT)
+    args = engine_args(recipe, model=_model_source(recipe), host="0.0.0.0", port=ENGINE_CONTAINER_PORT,
+                       model_positional=True, tensor_parallel=False)
     return render_template(
         "run.sh.j2",
         recipe=recipe,
@@ -151,6 +180,7 @@ def render_run(recipe: Recipe) -> str:
         engine_container_port=ENGINE_CONTAINER_PORT,
         engine_args=" ".join(shlex.quote(a) for a in args),
         engine_env=sorted(recipe.engine.env),
+        tensor_parallel=vm_tensor_parallel(recipe) or "",
         hf_token=recipe.model.hf_token,
         builtin_model=recipe.builtin_model,
         vpc=recipe.network.mode == "vpc",
@@ -160,12 +190,11 @@ def render_run(recipe: Recipe) -> str:
 
 def _config_overrides(recipe: Recipe) -> Optional[dict[str, Any]]:
     """Per-task SkyPilot config for vpc mode: only the keys SkyPilot lets a task override (gcp/azure vpc_name)."""
-    if recipe.network.mode != "vpc" or not recipe.network.vpc_name:
+    if recipe.network.mode != "vpc":
         return None
-    cloud = recipe.resources.cloud
-    if cloud in ("gcp", "azure"):
-        return {cloud: {"vpc_name": recipe.network.vpc_name}}
-    return None  # aws: vpc_names is a global config key, passed at launch (see cloud_config)
+    config = {cloud: {"vpc_name": recipe.network.vpc_name_for(cloud)} for cloud in recipe.resources.clouds
+              if cloud in ("gcp", "azure") and recipe.network.vpc_name_for(cloud)}
+    return config or None  # aws: vpc_names is a global config key, passed at launch (see cloud_config)
 
 
 def cloud_config(recipe: Recipe) -> dict[str, Any]:
@@ -174,13 +203,16 @@ def cloud_config(recipe: Recipe) -> dict[str, Any]:
     `use_internal_ips` (every cloud) and `aws.vpc_names` are not task overrides in SkyPilot 0.14
     (constants.OVERRIDEABLE_CONFIG_KEYS_IN_TASK), so they travel as config (`--config` / the config file).
     """
-    cloud = recipe.resources.cloud
-    if recipe.network.mode != "vpc" or cloud not in ("aws", "gcp", "azure"):
+    if recipe.network.mode != "vpc":
         return {}
-    cfg: dict[str, Any] = {"use_internal_ips": True}
-    if cloud == "aws" and recipe.network.vpc_name:
-        cfg["vpc_names"] = [recipe.network.vpc_name]
-    return {cloud: cfg}
+    config: dict[str, Any] = {}
+    for cloud in recipe.resources.clouds:
+        if cloud not in ("aws", "gcp", "azure"):
+            continue
+        config[cloud] = {"use_internal_ips": True}
+        if cloud == "aws":
+            config[cloud]["vpc_names"] = [recipe.network.vpc_name_for("aws")]
+    return config
 
 
 def _service(recipe: Recipe) -> dict[str, Any]:

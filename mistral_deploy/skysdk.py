@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -211,7 +212,8 @@ class SkySdk:
         """
         sky = _sky()
         task = self.make_task(task_config, secrets)
-        with translate_errors("launch"):
+        # SkyPilot's client prints a line or two to stdout; ours is for data (--json), so they go to stderr
+        with translate_errors("launch"), contextlib.redirect_stdout(sys.stderr):
             with self._global_config(global_config):
                 request_id = sky.launch(task, cluster_name=cluster_name)
             writer = _LineWriter(on_line)
@@ -285,6 +287,17 @@ class SkySdk:
             if pending:
                 yield _ANSI_RE.sub("", pending)
 
+    def job_finished(self, cluster_name: str, job_id: Optional[int]) -> bool:
+        """Whether the job has ended (succeeded, failed, cancelled), or no longer exists."""
+        sky = _sky()
+        with translate_errors("job status"):
+            statuses = sky.get(sky.job_status(cluster_name, [job_id] if job_id is not None else None))
+        status = None
+        for key, value in (statuses or {}).items():
+            if job_id is None or str(key) == str(job_id):
+                status = value
+        return status is None or bool(status.is_terminal())
+
     # --- SkyServe ---------------------------------------------------------------------------------
 
     def serve_up(self, task_config: dict[str, Any], *, service_name: str, secrets: dict[str, str],
@@ -292,7 +305,7 @@ class SkySdk:
         """Start the service (controller, load balancer, replicas); its endpoint URL."""
         sky = _sky()
         task = self.make_task(task_config, secrets)
-        with translate_errors("serve up"):
+        with translate_errors("serve up"), contextlib.redirect_stdout(sys.stderr):
             with self._global_config(global_config):
                 request_id = sky.serve.up(task, service_name)
             writer = _LineWriter(on_line)
@@ -386,6 +399,36 @@ class SkySdk:
                     return host
         return None
 
+    # --- what a cloud can do (in-process: SkyPilot's cloud classes and catalog) ----------------------
+
+    def unsupported_features(self, cloud: str, features: list[str]) -> dict[str, str]:
+        """Of these CloudImplementationFeatures values, those the cloud lacks, each with SkyPilot's reason."""
+        import sky
+        from sky import clouds as sky_clouds
+        from sky import exceptions
+        from sky.utils import registry
+
+        impl = registry.CLOUD_REGISTRY.from_str(cloud)
+        missing: dict[str, str] = {}
+        for name in features:
+            try:
+                impl.check_features_are_supported(sky.Resources(infra=cloud),
+                                                  {sky_clouds.CloudImplementationFeatures(name)})
+            except exceptions.NotSupportedError as exc:
+                missing[name] = _feature_reason(str(exc), name)
+        return missing
+
+    def offered_gpus(self, cloud: str) -> Optional[dict[str, list[int]]]:
+        """GPU name -> the counts per instance SkyPilot's catalog offers on the cloud; None if unknown here."""
+        try:
+            from sky import catalog
+
+            listing = catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=False)
+        except Exception:  # noqa: BLE001 - no catalog here (offline), a cluster that cannot be asked
+            return None
+        return {name: sorted({int(i.accelerator_count) for i in infos if i.accelerator_count})
+                for name, infos in listing.items()}
+
     # --- prices (the local catalog, in-process) ---------------------------------------------------
 
     def hourly_price(self, cluster: ClusterInfo) -> Optional[float]:
@@ -395,11 +438,12 @@ class SkySdk:
         try:
             from sky import catalog
 
-            return float(catalog.get_hourly_cost(cluster.instance_type, use_spot=cluster.use_spot,
-                                                 region=cluster.region, zone=cluster.zone,
-                                                 clouds=cluster.cloud.lower()))
+            price = float(catalog.get_hourly_cost(cluster.instance_type, use_spot=cluster.use_spot,
+                                                  region=cluster.region, zone=cluster.zone,
+                                                  clouds=cluster.cloud.lower()))
         except Exception:  # a price is informative only; never fail a deployment over it
             return None
+        return price if price > 0 else None  # Slurm, Kubernetes: no price list (0)
 
     # --- SSH, through the config SkyPilot writes for its clusters ---------------------------------
 
@@ -423,8 +467,13 @@ class SkySdk:
         ssh = shutil.which("ssh")
         if not ssh:
             raise CloudError("no `ssh` client on this machine; install OpenSSH")
-        return [ssh, "-F", str(self.ssh_config(cluster_name)), "-o", "BatchMode=yes",
-                "-o", "ConnectTimeout=20"]
+        config = self.ssh_config(cluster_name)
+        argv = [ssh, "-F", str(config), "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
+        # SkyPilot writes `IdentityFile ~/.sky/...`: OpenSSH expands `~` from the passwd database, SkyPilot
+        # (and this process) from $HOME; where they differ the key is not found. Name it explicitly.
+        for identity in identity_files(config):
+            argv += ["-i", identity]
+        return argv
 
     def read_head_file(self, cluster_name: str, path: str) -> str:
         """A (public) file from the head node, e.g. the gateway's certificate. Never a secret."""
@@ -458,6 +507,27 @@ class SkySdk:
             time.sleep(0.2)
         tunnel.close()
         raise CloudError(f"ssh tunnel to {cluster_name}: port {port} did not open within {timeout:.0f}s")
+
+
+def _feature_reason(text: str, feature: str) -> str:
+    """SkyPilot's table of unsupported features -> the reason it gives for one of them."""
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0] == feature:
+            return parts[1].strip()
+    return first_line(text) or feature
+
+
+def identity_files(ssh_config: Path) -> list[str]:
+    """The IdentityFile paths of an SSH config file, `~` expanded from $HOME, that exist."""
+    found = []
+    for line in ssh_config.read_text(encoding="utf-8").splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key.lower() == "identityfile" and value.strip():
+            path = os.path.expanduser(value.strip().strip('"'))
+            if os.path.isfile(path) and path not in found:
+                found.append(path)
+    return found
 
 
 def free_port() -> int:

@@ -267,6 +267,7 @@ class FakeSky:
         self.controller_host: Optional[str] = None  # SkyServe controller already up at this address
         self.serve_host = "127.0.0.1"
         self.price = 1.006
+        self.gpus_offered: Optional[dict[str, dict[str, list[int]]]] = None  # cloud -> GPU -> counts
         self.tunnels: list[Tunnel] = []
         self._real = skysdk.SkySdk()
         self._vms: dict[str, VmEndpoint] = {}
@@ -332,6 +333,10 @@ class FakeSky:
             # a serving job runs until the cluster goes: block like SkyPilot's stream, until told to stop
             (stop or threading.Event()).wait(timeout=120)
 
+    def job_finished(self, cluster_name: str, job_id: Optional[int]) -> bool:
+        self._record("job_finished", cluster_name=cluster_name, job_id=job_id)
+        return self.job_ends
+
     def read_head_file(self, cluster_name: str, path: str) -> str:
         self._record("read_head_file", cluster_name=cluster_name, path=path)
         return self.vm.cert_pem
@@ -343,6 +348,13 @@ class FakeSky:
         tunnel = RelayTunnel((self.vm.host, self.vm.port), local_port)
         self.tunnels.append(tunnel)
         return tunnel
+
+    def unsupported_features(self, cloud: str, features: list[str]) -> dict[str, str]:
+        return self._real.unsupported_features(cloud, features)  # SkyPilot's own (static) answer
+
+    def offered_gpus(self, cloud: str) -> Optional[dict[str, list[int]]]:
+        self._record("offered_gpus", cloud=cloud)
+        return self.gpus_offered.get(cloud) if self.gpus_offered is not None else None
 
     def hourly_price(self, cluster: ClusterInfo) -> Optional[float]:
         self._record("hourly_price", instance_type=cluster.instance_type, use_spot=cluster.use_spot)

@@ -61,11 +61,11 @@ def test_render_out_writes_a_service_and_skypilot_config(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["service.yaml"]
     assert yaml.safe_load((tmp_path / "a" / "service.yaml").read_text())["service"]["replicas"] == 2
 
-    result = run_cli("render", "mistral-7b", "--cloud", "aws", "--network", "vpc", "--out", str(tmp_path / "b"))
+    result = run_cli("render", "mistral-7b", "--cloud", "gcp", "--network", "vpc", "--out", str(tmp_path / "b"))
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text()) == {"aws": {"use_internal_ips": True}}
-    printed = run_cli("render", "mistral-7b", "--cloud", "aws", "--network", "vpc")
-    assert "aws.use_internal_ips=true" in printed.stderr
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text()) == {"gcp": {"use_internal_ips": True}}
+    printed = run_cli("render", "mistral-7b", "--cloud", "gcp", "--network", "vpc")
+    assert "gcp.use_internal_ips=true" in printed.stderr
     assert yaml.safe_load(printed.stdout)["name"] == "mistral-7b"  # stdout stays the task alone
 
 

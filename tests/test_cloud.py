@@ -115,7 +115,7 @@ def test_up_public_launches_with_secrets_pins_the_vm_certificate_and_probes(fake
     deployment = CloudBackend().up(recipe, store, progress)
 
     # launch, then the job's log (phases), the VM's certificate once setup is done, the opened port
-    assert fake.names() == ["launch", "hourly_price", "tail_job", "read_head_file", "endpoint"]
+    assert fake.names() == ["offered_gpus", "launch", "hourly_price", "tail_job", "read_head_file", "endpoint"]
     launch = next(c for c in fake.calls if c.method == "launch")
     keys = store.read_api_keys(recipe.name)
     assert len(keys) == 1
@@ -171,12 +171,15 @@ def test_up_private_reaches_the_gateway_through_a_tunnel_and_status_reprobes(fak
 
 def test_up_vpc_uses_the_private_address_and_skypilots_internal_ip_config(fake, vm, store):
     vm.start()
-    recipe = make_recipe(network="vpc", port=vm.port, extra={})
+    recipe = make_recipe(extra={"network": {"mode": "vpc", "port": vm.port, "vpc_name": "md-test-vpc"}})
     deployment = CloudBackend().up(recipe, store, Phases())
 
     launch = next(c for c in fake.calls if c.method == "launch")
-    assert launch.args["global_config"] == {"aws": {"use_internal_ips": True}}
-    assert "ports" not in launch.args["task_config"]["resources"]
+    assert launch.args["global_config"] == {"aws": {"use_internal_ips": True, "vpc_names": ["md-test-vpc"]}}
+    # opened, but the VM has only a private address: reachable inside the VPC, where the gateway admits
+    # the private ranges alone
+    assert launch.args["task_config"]["resources"]["ports"] == [vm.port]
+    assert recipe.network.allow == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
     assert deployment.endpoint == f"http://127.0.0.1:{vm.port}/v1"
     assert "endpoint" not in fake.names() and "open_tunnel" not in fake.names()
     assert CloudBackend().status(store.load(recipe.name))["ip"] == "127.0.0.1"
@@ -349,7 +352,7 @@ def test_serve_up_status_down(fake, vm, store):
     task = fake.tasks["md-mistral-7b-instruct"]
     assert task.service.readiness_headers == {"Authorization": f"Bearer {probe_key}"}
     assert (task.service.min_replicas, task.service.max_replicas) == (2, 4)
-    assert "ports" not in up.args["task_config"]["resources"]  # SkyServe opens the service port
+    assert up.args["task_config"]["resources"]["ports"] == [8443]  # each replica opens it for the load balancer
     # TLS ends at the load balancer, with a certificate made here for the controller's address
     tls = up.args["task_config"]["service"]["tls"]
     assert Path(tls["keyfile"]).parent == store.dir(recipe.name) / "service-tls"

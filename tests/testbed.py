@@ -1,0 +1,222 @@
+"""The cloud test bed (scripts/testbed.sh) as the tests use it: a cloud that runs on this machine.
+
+SkyPilot launches for real on a one-node Slurm cluster here (fake A10G:1 GPU), through SSH, as the node
+user; the rendered tasks run unmodified against a real Docker daemon that pulls stand-in images from a
+local registry (the engine stand-in runs the real vLLM CPU build). See scripts/testbed.sh and
+docs/cloud.md.
+
+- `testbed` (session): the bed's daemons, started if they were not running and stopped at the session's
+  end if this session started them. Where the bed cannot be set up (not root, not installed) the tests
+  skip with one line saying why, unless MISTRAL_DEPLOY_TESTBED_REQUIRED is set (CI), where that is a
+  failure.
+- `bed_client` (module): a SkyPilot client home that knows the bed (~/.slurm/config, ~/.sky/config.yaml,
+  the seeded catalog), shared by a module's CLI calls so that SkyPilot's API server starts once; the
+  API server is stopped at the module's end.
+- Each test that uses the bed calls `bed.clean()` at its end: no cluster, Slurm job, container or node
+  process is left behind (`sky down` does not remove containers on the bed: on a cloud the VM goes with
+  them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+
+from _catalog import seed_catalog
+from conftest import _CLOUD_ENV_PREFIXES, REPO
+
+SCRIPT = REPO / "scripts" / "testbed.sh"
+# Read before conftest's isolation clears MISTRAL_DEPLOY_* variables.
+BED_DIR = Path(os.environ.get("MISTRAL_DEPLOY_TESTBED", "/var/lib/mistral-deploy-testbed"))
+REQUIRED = bool(os.environ.get("MISTRAL_DEPLOY_TESTBED_REQUIRED"))
+SKY = shutil.which("sky", path=str(Path(sys.executable).parent)) or shutil.which("sky")
+CLI = shutil.which("mistral-deploy", path=str(Path(sys.executable).parent)) or shutil.which("mistral-deploy")
+
+
+def _bed_env() -> dict[str, str]:
+    out = subprocess.run([str(SCRIPT), "env"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MISTRAL_DEPLOY_TESTBED": str(BED_DIR)}).stdout
+    return dict(item.split("=", 1) for item in out.split())
+
+
+BED = _bed_env()
+
+
+def unavailable() -> Optional[str]:
+    """Why the bed cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (it runs Slurm, sshd and a Docker daemon; CI runs as root)"
+    if not (BED_DIR / "installed").is_file():
+        return f"not installed in {BED_DIR}: run `scripts/testbed.sh install` (as root)"
+    return None
+
+
+def skip_or_fail(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"cloud test bed: {reason} (MISTRAL_DEPLOY_TESTBED_REQUIRED is set)")
+    pytest.skip(f"cloud test bed: {reason}")
+
+
+def _script(command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), command], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "MISTRAL_DEPLOY_TESTBED": str(BED_DIR)})
+
+
+@dataclass
+class Bed:
+    """The bed's daemons, and what the tests ask of them."""
+
+    dir: Path
+    node_user: str = BED["NODE_USER"]
+    cluster: str = BED["SLURM_CLUSTER"]
+    ssh_port: int = int(BED["SSH_PORT"])
+    docker_sock: str = BED["DOCKER_SOCK"]
+    gpu: str = BED["GPU"]
+
+    @property
+    def docker_env(self) -> dict[str, str]:
+        return {**os.environ, "DOCKER_HOST": f"unix://{self.docker_sock}"}
+
+    def docker(self, *args: str, timeout: float = 120, check: bool = True) -> str:
+        done = subprocess.run(["docker", *args], env=self.docker_env, capture_output=True, text=True,
+                              timeout=timeout)
+        if check:
+            assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr.strip()}"
+        return done.stdout
+
+    def containers(self) -> list[str]:
+        """Every container on the bed's daemon (running or not), by name."""
+        return [n for n in self.docker("ps", "-a", "--format", "{{.Names}}").split() if n]
+
+    def slurm_jobs(self) -> list[str]:
+        env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm" / "slurm.conf")}
+        out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], env=env, capture_output=True, text=True,
+                             timeout=30).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    def node_processes(self) -> list[str]:
+        out = subprocess.run(["ps", "-u", self.node_user, "-o", "pid=,args="], capture_output=True,
+                             text=True).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def clean(self) -> None:
+        """What a test leaves is removed (and what it left is reported): jobs, containers, node processes."""
+        env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm" / "slurm.conf")}
+        subprocess.run(["scancel", "-u", self.node_user], env=env, capture_output=True, timeout=30)
+        boxes = self.containers()
+        if boxes:
+            self.docker("rm", "-f", *boxes)
+        subprocess.run(["pkill", "-u", self.node_user], capture_output=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (self.slurm_jobs() or self.node_processes()):
+            time.sleep(0.5)
+        subprocess.run(["pkill", "-9", "-u", self.node_user], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[Bed]:
+    reason = unavailable()
+    if reason:
+        skip_or_fail(reason)
+    started = _script("status").returncode != 0
+    if started:
+        done = _script("start")
+        if done.returncode != 0:
+            _script("stop")
+            pytest.fail(f"cloud test bed did not start: {done.stderr.strip()[-2000:]}")
+    bed = Bed(dir=BED_DIR)
+    try:
+        yield bed
+    finally:
+        bed.clean()
+        if started:
+            _script("stop")
+
+
+@dataclass
+class BedClient:
+    """A SkyPilot client (and mistral-deploy user) that knows the bed: the environment its CLIs run in."""
+
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str, timeout: float = 900, env: Optional[dict[str, str]] = None
+            ) -> subprocess.CompletedProcess[str]:
+        assert CLI, "mistral-deploy is not installed: pip install -e '.[test]'"
+        return subprocess.run([CLI, *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def sky(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        assert SKY, "SkyPilot's `sky` is not installed"
+        return subprocess.run([SKY, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def record(self, name: str) -> dict[str, Any]:
+        path = Path(self.env["MISTRAL_DEPLOY_HOME"]) / "deployments" / name / "deployment.json"
+        return json.loads(path.read_text())
+
+    def key(self, name: str) -> str:
+        return (Path(self.env["MISTRAL_DEPLOY_HOME"]) / "deployments" / name / "api_keys").read_text().split()[0]
+
+    def clusters(self) -> list[str]:
+        """SkyPilot's clusters, by name (`sky status`, as the user would ask)."""
+        done = self.sky("status", "--refresh")
+        assert done.returncode == 0, done.stderr
+        names = []
+        for line in done.stdout.splitlines():
+            parts = line.split()
+            if parts and parts[0].startswith("md-"):
+                names.append(parts[0])
+        return names
+
+    def down_all(self) -> None:
+        self.cli("down", "--all", timeout=300)
+        for cluster in self.clusters():
+            self.sky("down", "-y", cluster)
+
+
+def client_env(root: Path, bed: Bed) -> dict[str, str]:
+    home, runtime = root / "home", root / "sky"
+    (home / ".slurm").mkdir(parents=True, exist_ok=True)
+    (home / ".sky").mkdir(parents=True, exist_ok=True)
+    key = bed.dir / "ssh" / "id_ed25519"
+    (home / ".slurm" / "config").write_text(
+        f"Host {bed.cluster}\n  HostName 127.0.0.1\n  Port {bed.ssh_port}\n  User {bed.node_user}\n"
+        f"  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n")
+    # a full node would otherwise leave a launch pending for a day
+    (home / ".sky" / "config.yaml").write_text("slurm:\n  provision_timeout: 120\n")
+    catalog = seed_catalog(runtime)
+    # The public catalog knows the A10G on AWS only; the bed's Slurm cluster declares one in gres.conf.
+    accelerators = catalog / "common" / "accelerators.csv"
+    rows = accelerators.read_text().splitlines()
+    accelerators.write_text("\n".join(
+        f"{bed.gpu},\"['AWS', 'Slurm']\"" if row.split(",", 1)[0] == bed.gpu else row for row in rows) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLOUD_ENV_PREFIXES)}
+    env.update(HOME=str(home), SKY_RUNTIME_DIR=str(runtime), SKYPILOT_DISABLE_USAGE_COLLECTION="1",
+               AWS_EC2_METADATA_DISABLED="true", MISTRAL_DEPLOY_HOME=str(root / "state"), NO_COLOR="1",
+               CI="1", COLUMNS="120", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def bed_client(testbed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedClient]:
+    root = tmp_path_factory.mktemp("bed-client")
+    client = BedClient(root=root, env=client_env(root, testbed))
+    try:
+        yield client
+    finally:
+        try:
+            client.down_all()
+        finally:
+            client.sky("api", "stop")
+            testbed.clean()

@@ -306,14 +306,14 @@ class CloudBackend(_CloudBase):
             )
             deployment.phase = "ready"
             deployment.details["last_phase"] = "ready"
-            deployment.details["phases"] = clock.times()
+            deployment.details.update(phases=clock.times(), up_seconds=clock.total())
             store.save(deployment)
             progress.done(_ready_message(deployment))
             return deployment
         except NotReadyError as exc:
             tail = exc.log_tail or (job_log.tail() if job_log else "") or self._log_tail(deployment)
             message = explain(tail) or exc.message
-            deployment.details["phases"] = clock.times()
+            deployment.details.update(phases=clock.times(), up_seconds=clock.total())
             self._fail(deployment, store, message)
             raise NotReadyError(
                 message,
@@ -411,25 +411,35 @@ class CloudBackend(_CloudBase):
         info: Optional[ClusterInfo] = None
         cluster_status = "unknown"
         try:
-            info = self.sdk.cluster(cluster_name) if cluster_name else None
+            # refreshed from the cloud where SkyPilot's record may be stale: spot VMs and TTL clusters
+            info = self.sdk.cluster(cluster_name, refresh=True) if cluster_name else None
             cluster_status = info.status if info else "missing"
         except CloudError as exc:
             cluster_status = f"unknown ({exc.message})"
         mode = details.get("network", "public")
         healthy = False
+        phase, problem = deployment.phase, None
         if deployment.phase == "ready" and info is not None and info.status == "UP":
             if mode == "private":
                 healthy = self._probe_through_tunnel(deployment)
             else:
                 healthy = self._probe(deployment.endpoint, deployment.tls_ca)
+        elif deployment.phase == "ready" and cluster_status == "missing":
+            # the record says ready, the cloud has no cluster: its TTL ended it, or it was removed by hand
+            phase, problem = "gone", (f"cluster {cluster_name} no longer exists (its TTL, `sky down`, or the cloud "
+                                      f"removed it); `mistral-deploy down {deployment.name}` removes the record")
+        elif deployment.phase == "ready" and info is not None:
+            spot = " (a preempted spot VM: a plain cluster is not relaunched; use replicas for that)" \
+                if details.get("use_spot") else ""
+            phase, problem = "down", f"cluster {cluster_name} is {info.status}{spot}"
         ip = None
         if info is not None:
             ip = (info.internal_ip or info.head_ip) if mode == "vpc" else info.head_ip
         ip = ip or details.get("internal_ip" if mode == "vpc" else "head_ip")
-        return {
+        row = {
             "name": deployment.name,
             "backend": self.kind,
-            "phase": deployment.phase,
+            "phase": phase,
             "healthy": healthy,
             "endpoint": deployment.endpoint,
             "ip": ip,
@@ -443,7 +453,11 @@ class CloudBackend(_CloudBase):
             "hourly_price": details.get("hourly_price"),
             "autostop_minutes": info.autostop_minutes if info else None,
             "tls_ca": deployment.tls_ca,
+            "phases": details.get("phases"),
         }
+        if problem or deployment.phase == "failed":
+            row["error"] = problem or details.get("error")
+        return row
 
     def _probe_through_tunnel(self, deployment: Deployment) -> bool:
         """A private endpoint: probe over a tunnel of our own, or over `mistral-deploy tunnel` if it runs."""

@@ -82,12 +82,14 @@ class PhaseClock:
         if not self._marks or self._marks[-1][0] != name:
             self._marks.append((name, time.monotonic()))
 
-    def times(self) -> dict[str, float]:
-        """Seconds per phase (a phase entered twice adds up), the last one until now, and `total`."""
+    def times(self) -> list[dict[str, Any]]:
+        """[{phase, seconds}] in order (a phase entered twice adds up), the last one until now."""
         now = time.monotonic()
         ends = [at for _name, at in self._marks[1:]] + [now]
         out: dict[str, float] = {}
         for (name, at), end in zip(self._marks, ends):
-            out[name] = round(out.get(name, 0.0) + end - at, 2)
-        out["total"] = round(now - self._start, 2)
-        return out
+            out[name] = out.get(name, 0.0) + end - at
+        return [{"phase": name, "seconds": round(seconds, 2)} for name, seconds in out.items()]
+
+    def total(self) -> float:
+        return round(time.monotonic() - self._start, 2)

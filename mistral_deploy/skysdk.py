@@ -143,7 +143,20 @@ class _LineWriter(io.TextIOBase):
 def _sky() -> "sky_t":  # type: ignore[valid-type]
     import sky
 
+    _logs_to_stderr()
     return sky
+
+
+def _logs_to_stderr() -> None:
+    """SkyPilot logs to stdout (its handlers hold the stream they were made with, so redirect_stdout
+    misses them, e.g. "Starting a local server."); our stdout is for data (`--json`): stderr for them."""
+    import logging
+
+    names = ["sky"] + [n for n in logging.root.manager.loggerDict if n.startswith("sky.")]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+                handler.setStream(sys.stderr)
 
 
 def _field(record: Any, key: str, default: Any = None) -> Any:
@@ -235,11 +248,13 @@ class SkySdk:
             sky = _sky()
             sky.get(sky.api_cancel(request_id, silent=True))
 
-    def cluster(self, cluster_name: str) -> Optional[ClusterInfo]:
-        """The cluster's record, or None if SkyPilot has none."""
+    def cluster(self, cluster_name: str, *, refresh: bool = False) -> Optional[ClusterInfo]:
+        """The cluster's record, or None if SkyPilot has none. refresh: ask the cloud again where
+        SkyPilot's record can be stale (spot instances, clusters with an autostop or TTL)."""
         sky = _sky()
+        mode = sky.StatusRefreshMode.AUTO if refresh else sky.StatusRefreshMode.NONE
         with translate_errors("status"):
-            records = sky.get(sky.status(cluster_names=[cluster_name]))
+            records = sky.get(sky.status(cluster_names=[cluster_name], refresh=mode))
         for record in records or []:
             if _field(record, "name") == cluster_name:
                 return _cluster_info(record)
@@ -403,7 +418,7 @@ class SkySdk:
 
     def unsupported_features(self, cloud: str, features: list[str]) -> dict[str, str]:
         """Of these CloudImplementationFeatures values, those the cloud lacks, each with SkyPilot's reason."""
-        import sky
+        sky = _sky()
         from sky import clouds as sky_clouds
         from sky import exceptions
         from sky.utils import registry
@@ -412,8 +427,9 @@ class SkySdk:
         missing: dict[str, str] = {}
         for name in features:
             try:
-                impl.check_features_are_supported(sky.Resources(infra=cloud),
-                                                  {sky_clouds.CloudImplementationFeatures(name)})
+                with _quiet():
+                    impl.check_features_are_supported(sky.Resources(infra=cloud),
+                                                      {sky_clouds.CloudImplementationFeatures(name)})
             except exceptions.NotSupportedError as exc:
                 missing[name] = _feature_reason(str(exc), name)
         return missing
@@ -423,7 +439,8 @@ class SkySdk:
         try:
             from sky import catalog
 
-            listing = catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=False)
+            with _quiet():
+                listing = catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=False)
         except Exception:  # noqa: BLE001 - no catalog here (offline), a cluster that cannot be asked
             return None
         return {name: sorted({int(i.accelerator_count) for i in infos if i.accelerator_count})
@@ -507,6 +524,13 @@ class SkySdk:
             time.sleep(0.2)
         tunnel.close()
         raise CloudError(f"ssh tunnel to {cluster_name}: port {port} did not open within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """SkyPilot's server-side code run in-process writes its spinners, encoded, to stdout: ours is for data."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def _feature_reason(text: str, feature: str) -> str:

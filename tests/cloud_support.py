@@ -308,8 +308,8 @@ class FakeSky:
         self.clusters[cluster_name] = info
         return LaunchResult(job_id=1, cluster=info)
 
-    def cluster(self, cluster_name: str) -> Optional[ClusterInfo]:
-        self._record("cluster", cluster_name=cluster_name)
+    def cluster(self, cluster_name: str, *, refresh: bool = False) -> Optional[ClusterInfo]:
+        self._record("cluster", cluster_name=cluster_name, refresh=refresh)
         return self.clusters.get(cluster_name)
 
     def endpoint(self, cluster_name: str, port: int) -> str:

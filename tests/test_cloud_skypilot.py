@@ -241,7 +241,8 @@ def test_the_sdk_calls_skysdk_makes_match_skypilot_0_14_signatures(sky_mod):
     binds(sky.stream_and_get, "rid", output_stream=io.StringIO())
     binds(sky.get, "rid")
     binds(sky.api_cancel, "rid", silent=True)
-    binds(sky.status, cluster_names=["md-x"])
+    binds(sky.status, cluster_names=["md-x"], refresh=sky.StatusRefreshMode.AUTO)
+    binds(sky.job_status, "md-x", [1])
     binds(sky.endpoints, "md-x", 8443)
     binds(sky.down, "md-x")
     binds(sky.tail_logs, "md-x", 1, follow=True, tail=0, preload_content=False)
@@ -252,6 +253,8 @@ def test_the_sdk_calls_skysdk_makes_match_skypilot_0_14_signatures(sky_mod):
     binds(sky.serve.tail_logs, "md-x", target="replica", replica_id=1, follow=False,
           output_stream=io.StringIO(), tail=None)
     binds(catalog.get_hourly_cost, "g5.xlarge", use_spot=False, region=None, zone=None, clouds="aws")
+    binds(catalog.list_accelerators, gpus_only=True, clouds="aws", all_regions=False)
+    binds(sky.Resources, infra="slurm")
     binds(sky_cli._get_cluster_records_and_set_ssh_config, clusters=["md-x"])
     from sky.utils import cluster_utils
 

@@ -149,6 +149,11 @@ class BedClient:
     root: Path
     env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def cli_path(self) -> str:
+        assert CLI, "mistral-deploy is not installed: pip install -e '.[test]'"
+        return CLI
+
     def cli(self, *args: str, timeout: float = 900, env: Optional[dict[str, str]] = None
             ) -> subprocess.CompletedProcess[str]:
         assert CLI, "mistral-deploy is not installed: pip install -e '.[test]'"

@@ -55,5 +55,5 @@ def status(
                       row.get("endpoint") or "-", row.get("ip") or "-")
     out.print(table)
     for row in rows:
-        if row.get("error") and row["phase"] == "failed":
+        if row.get("error"):
             out.info(f"{row['name']}: {row['error']}")

@@ -67,10 +67,12 @@ def check_ready(http: "httpx.Client", endpoint: str, key: str, served_model: str
     headers = {"Authorization": f"Bearer {key}"}
     on_step(STEP_HEALTH)
     health = http.get(base_url(endpoint) + "/health")
+    _refused_address(health)
     if health.status_code != 200:
         raise RuntimeError(f"/health answered {health.status_code}")
     on_step(STEP_MODELS)
     models = http.get(base + "/models", headers=headers)
+    _refused_address(models)
     if models.status_code == 401:
         raise _Refused("the gateway refused the deployment's API key (401)")
     if models.status_code != 200:
@@ -89,6 +91,14 @@ def check_ready(http: "httpx.Client", endpoint: str, key: str, served_model: str
         raise _Refused(f"the endpoint has no {route} route (404)")
     if answer.status_code != 200 or not _json(answer).get(field):
         raise RuntimeError(f"a one-token request to /v1{route} answered {answer.status_code}")
+
+
+def _refused_address(response: "httpx.Response") -> None:
+    """403: the gateway does not admit the address this machine connects from (network.allow)."""
+    if response.status_code == 403:
+        raise _Refused("the gateway refused this machine's address (403): it admits only the CIDRs in "
+                       "network.allow; add the address you connect from with --allow A.B.C.D/32 (or widen it), "
+                       "or check from a host inside the allowed range")
 
 
 def _json(response: "httpx.Response") -> dict[str, Any]:

@@ -225,3 +225,73 @@ def bed_client(testbed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         finally:
             client.sky("api", "stop")
             testbed.clean()
+
+
+class BashVm:
+    """A VM as the rendered scripts see it, on the bed: the node user, a home of its own, the bed's Docker
+    daemon, the node's curl (its public-address lookup answered with 203.0.113.7), and the task's secrets
+    in the environment, as SkyPilot exports them. The scripts run unmodified, by bash."""
+
+    PUBLIC_IP = "203.0.113.7"  # what the node's curl answers for checkip.amazonaws.com
+
+    def __init__(self, bed: Bed, secrets: dict[str, str], *, name: str) -> None:
+        import secrets as random
+
+        self.bed = bed
+        self.home = bed.dir / "vm-homes" / f"{name}-{random.token_hex(3)}"
+        self.home.mkdir(parents=True)
+        subprocess.run(["chown", "-R", f"{bed.node_user}:{bed.node_user}", str(self.home.parent)], check=True)
+        self.env = {
+            "HOME": str(self.home), "USER": bed.node_user, "LOGNAME": bed.node_user,
+            "PATH": f"{bed.dir / 'nodebin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "DOCKER_HOST": f"unix://{bed.docker_sock}", "SKYPILOT_NUM_GPUS_PER_NODE": "1",
+            **secrets,
+        }
+        self.run_process: Optional[subprocess.Popen[str]] = None
+        self.run_output: list[str] = []
+
+    @property
+    def md_dir(self) -> Path:
+        return self.home / ".mistral-deploy"
+
+    def _argv(self, script: str) -> list[str]:
+        # runuser keeps the environment given here (the secrets among it): nothing secret in an argument
+        return ["runuser", "--preserve-environment", "-u", self.bed.node_user, "--", "bash", "-c", script]
+
+    def setup(self, script: str, timeout: float = 600) -> str:
+        done = subprocess.run(self._argv(script), env=self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=self.home)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done.stdout + done.stderr
+
+    def start(self, script: str) -> None:
+        """The run script, as the job runs it: in the background, its output collected."""
+        self.run_process = subprocess.Popen(self._argv(script), env=self.env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True, cwd=self.home,
+                                            start_new_session=True)
+        proc = self.run_process
+
+        def collect() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.run_output.append(line.rstrip("\n"))
+
+        import threading
+
+        threading.Thread(target=collect, daemon=True).start()
+
+    def cancel(self, timeout: float = 60) -> int:
+        """What cancelling the job does: SIGTERM to the run script's process group; its exit status."""
+        import signal
+
+        assert self.run_process is not None
+        os.killpg(self.run_process.pid, signal.SIGTERM)
+        return self.run_process.wait(timeout=timeout)
+
+    def close(self) -> None:
+        import signal
+
+        if self.run_process is not None and self.run_process.poll() is None:
+            os.killpg(self.run_process.pid, signal.SIGKILL)
+            self.run_process.wait(timeout=30)
+        shutil.rmtree(self.home, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""What the rendered task does on a VM, where SkyPilot's Slurm infra cannot take it: the public and vpc
+modes (Slurm opens no ports), run on the test bed (tests/testbed.py) by bash, unmodified, as the node user,
+against the real Docker daemon and the stand-in images (the real vLLM CPU build, an nginx with the
+official image's layout). Other hosts are network namespaces; clients pin the certificate the VM made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import yaml
+
+from local_support import Host, make_hosts, port_free
+from mistral_deploy import probe
+from mistral_deploy.errors import NotReadyError
+from mistral_deploy.recipe import builtin_recipes_dir, validate_recipe_data
+from mistral_deploy.render import API_KEYS_SECRET, render_task
+from mistral_deploy.skysdk import free_port
+from testbed import BashVm, Bed, testbed  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.testbed
+KEYS = ["md-bedvm-first-key-0123456789abcdefghijklmn", "md-bedvm-second-key-0123456789abcdefghijkl"]
+READY_WITHIN = 300.0
+
+
+def tiny_recipe(mode: str, **network: Any) -> Any:
+    """The tiny model on a cloud VM (aws, A10G), on free ports, in this network mode."""
+    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
+    data["resources"] = {"cloud": "aws", "gpu": "A10G:1", "disk_size": 64}
+    data["network"] = {"mode": mode, "port": free_port(), **network}
+    if mode == "vpc":
+        data["network"].setdefault("vpc_name", "bed-vpc")
+    data["engine"] = {**data.get("engine", {}), "port": free_port()}
+    return validate_recipe_data(data, "test").recipe
+
+
+@pytest.fixture
+def vm(testbed: Bed, request: pytest.FixtureRequest) -> Iterator[BashVm]:
+    machine = BashVm(testbed, {API_KEYS_SECRET: " ".join(KEYS)}, name=request.node.name[:20].lower())
+    try:
+        yield machine
+    finally:
+        machine.close()
+        testbed.clean()
+
+
+def wait_for_line(vm: BashVm, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in line for line in vm.run_output):
+            return
+        assert vm.run_process is not None and vm.run_process.poll() is None, "\n".join(vm.run_output[-40:])
+        time.sleep(0.5)
+    pytest.fail(f"no {text!r} in the run script's output:\n" + "\n".join(vm.run_output[-40:]))
+
+
+def probe_from(host: Host, endpoint: str, ca_file: str, timeout: float = 20) -> str:
+    """Our readiness probe, run on another host (a network namespace): what it raised, or 'ready'."""
+    code = ("import sys; from mistral_deploy import probe\n"
+            "try:\n"
+            f"    probe.wait_ready({endpoint!r}, {KEYS[0]!r}, 'tiny-mistral', ca_file={ca_file!r}, timeout={timeout},"
+            " interval=0.5)\n"
+            "    print('ready')\n"
+            "except Exception as exc:\n"
+            "    print(exc)\n")
+    return host.run(sys.executable, "-c", code, timeout=timeout + 30).stdout.strip()
+
+
+def test_public_vm_serves_over_tls_pinned_to_the_certificate_the_vm_made(vm: BashVm, testbed: Bed,
+                                                                         tmp_path: Path) -> None:
+    with make_hosts(2) as (allowed, refused):
+        recipe = tiny_recipe("public", allow=[f"{allowed.address}/32"])
+        port = recipe.network.port
+        task = render_task(recipe)
+        out = vm.setup(task["setup"])
+        assert "mistral-deploy: phase image-pull" in out
+        tls = vm.md_dir / "gateway" / "tls"
+        key_file, cert_file = tls / "key.pem", tls / "cert.pem"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and stat.S_IMODE(vm.md_dir.stat().st_mode) == 0o700
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        sans = {str(ip) for ip in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                .value.get_values_for_type(x509.IPAddress)}
+        assert {"127.0.0.1", BashVm.PUBLIC_IP, allowed.gateway_address} <= sans
+
+        vm.start(task["run"])
+        ca = str(tmp_path / "pinned.pem")
+        Path(ca).write_bytes(cert_file.read_bytes())  # what `up` fetches over SSH and stores
+        endpoint = f"https://127.0.0.1:{port}/v1"
+        probe.wait_ready(endpoint, KEYS[0], "tiny-mistral", ca_file=ca, timeout=READY_WITHIN, interval=1)
+        key_map = vm.md_dir / "gateway" / "api_keys.map"
+        assert stat.S_IMODE(key_map.stat().st_mode) == 0o600
+
+        # the official client, over TLS pinned to the VM's certificate, streaming
+        from openai import OpenAI
+
+        client = OpenAI(base_url=endpoint, api_key=KEYS[1], http_client=httpx.Client(verify=ssl.create_default_context(
+            cafile=ca), trust_env=False))
+        chunks = list(client.chat.completions.create(model="tiny-mistral", max_tokens=6, stream=True,
+                                                     messages=[{"role": "user", "content": "hi"}]))
+        assert len(chunks) >= 2
+        # a client without the pinned certificate does not get through
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(endpoint + "/models", trust_env=False)
+
+        # other hosts: the allowed one is served over TLS (the certificate names the address it reaches),
+        # the other one gets 403, and our probe says so at once instead of waiting
+        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", ca, "-H",
+                f"Authorization: Bearer {KEYS[0]}"]
+        assert allowed.run(*curl, f"https://{allowed.gateway_address}:{port}/v1/models").stdout == "200"
+        assert refused.run(*curl, f"https://{refused.gateway_address}:{port}/v1/models").stdout == "403"
+        started = time.monotonic()
+        said = probe_from(refused, f"https://{refused.gateway_address}:{port}/v1", ca, timeout=120)
+        assert said.startswith("the gateway refused this machine's address (403)"), said
+        assert time.monotonic() - started < 60  # refused at once, not after the 120 s wait
+        assert probe_from(allowed, f"https://{allowed.gateway_address}:{port}/v1", ca) == "ready"
+        # the engine is published on the VM's loopback only
+        engine = f"http://{allowed.gateway_address}:{recipe.engine.port}/health"
+        assert allowed.run("curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", engine).stdout == "000"
+
+    # secrets: by environment only, never in a container's command line or a process's arguments
+    inspected = json.loads(testbed.docker("inspect", "md-engine", "md-gateway"))
+    for box in inspected:
+        assert not any(k in json.dumps(box["Args"]) + box["Path"] for k in KEYS)
+    assert not any(k in "\n".join(vm.run_output) for k in KEYS)
+
+    # cancelling the job removes both containers
+    assert vm.cancel() != 0
+    assert testbed.containers() == []
+    assert port_free(port)
+
+
+def test_vpc_vm_binds_the_private_address_and_admits_the_private_ranges(vm: BashVm, testbed: Bed) -> None:
+    private_ip = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()[0]
+    recipe = tiny_recipe("vpc")
+    assert recipe.network.allow[:3] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+    port = recipe.network.port
+    task = render_task(recipe)
+    vm.setup(task["setup"])
+    vm.start(task["run"])
+    endpoint = f"http://{private_ip}:{port}/v1"
+    # this machine reaches its own private address from that address: admitted only if it is in a private
+    # range, refused with 403 otherwise (the bed's machine may be either)
+    try:
+        probe.wait_ready(endpoint, KEYS[0], "tiny-mistral", timeout=READY_WITHIN, interval=1)
+        admitted = True
+    except NotReadyError as exc:
+        assert "403" in exc.message
+        admitted = False
+    import ipaddress
+
+    assert admitted == any(ipaddress.ip_address(private_ip) in ipaddress.ip_network(c) for c in recipe.network.allow)
+    assert port_free(port, "127.0.0.1"), "vpc mode: nothing listens on loopback"
+    assert vm.cancel() != 0 and testbed.containers() == []
+
+
+def test_run_refuses_to_start_without_the_keys(vm: BashVm, testbed: Bed) -> None:
+    task = render_task(tiny_recipe("private"))
+    vm.setup(task["setup"])
+    del vm.env[API_KEYS_SECRET]
+    vm.start(task["run"])
+    assert vm.run_process is not None and vm.run_process.wait(timeout=60) != 0
+    time.sleep(0.5)
+    assert any("MISTRAL_DEPLOY_API_KEYS" in line for line in vm.run_output), vm.run_output
+    assert testbed.containers() == []
+
+
+def test_private_vm_gateway_is_loopback_only_and_a_dying_engine_ends_the_job(vm: BashVm, testbed: Bed) -> None:
+    recipe = tiny_recipe("private")
+    port = recipe.network.port
+    task = render_task(recipe)
+    vm.setup(task["setup"])
+    assert not (vm.md_dir / "gateway" / "tls" / "key.pem").exists()
+    vm.start(task["run"])
+    probe.wait_ready(f"http://127.0.0.1:{port}/v1", KEYS[0], "tiny-mistral", timeout=READY_WITHIN, interval=1)
+    listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]
+    # the engine dies (an OOM kill, a crash): the job ends with the reason, and the gateway is stopped
+    testbed.docker("kill", "md-engine")
+    assert vm.run_process is not None and vm.run_process.wait(timeout=60) == 1
+    time.sleep(0.5)
+    assert vm.run_output[-1].startswith("mistral-deploy: failed: the engine container stopped (exited, exit code 137)")
+    assert testbed.docker("inspect", "-f", "{{.State.Running}}", "md-gateway").strip() == "false"

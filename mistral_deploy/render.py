@@ -14,7 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from mistral_deploy.errors import RecipeError
-from mistral_deploy.gateway import GatewayLayout, listen_host_for, render_gateway_config
+from mistral_deploy.gateway import UPSTREAM_TIMEOUT_SECONDS, GatewayLayout, listen_host_for, render_gateway_config
 from mistral_deploy.recipe import Recipe
 from mistral_deploy.templates import render_template, template_text
 
@@ -232,6 +232,9 @@ def _service(recipe: Recipe) -> dict[str, Any]:
             "headers": {"Authorization": f"Bearer ${{{PROBE_KEY_SECRET}}}"},
         },
         "ports": recipe.network.port,
+        # the load balancer gives up on a response silent for longer (120 s by default) than the gateway
+        # behind it waits for the engine: wait as long
+        "load_balancer": {"stream_timeout_seconds": UPSTREAM_TIMEOUT_SECONDS},
     }
     autoscale = reps.max is not None and reps.max != reps.min
     spot_fallback = recipe.resources.spot and recipe.resources.spot_fallback

@@ -7,6 +7,7 @@
 #   scripts/testbed.sh start     # the daemons: munge, Slurm, sshd, the registry, dockerd
 #   scripts/testbed.sh stop      # stops what start started, and every job, container and process left
 #   scripts/testbed.sh status    # exit 0 when every daemon answers; `installed` exits 0 when installed
+#   scripts/testbed.sh start-replicas N / stop-replicas   # N more "VMs" for SkyServe replicas (below)
 #
 # What it is:
 # - a one-node Slurm cluster (slurmctld + slurmd on 127.0.0.1) with a fake A10G:1 GPU in gres.conf,
@@ -487,13 +488,69 @@ cmd_status() {
   return $ok
 }
 
+# ------------------------------------------------------------------------------------------------
+# SkyServe replicas: more "VMs", each a network namespace (10.231.15N.2) with a Docker daemon and a
+# registry mirror of its own (the same registry storage, read-only use), so that several replicas can
+# run the same rendered stack on the same port, as separate VMs would.
+
+replica_ns() { echo "mdbed-r$1"; }
+
+start_replica() {
+  local n="$1" ns host_if ns_if dir
+  ns="$(replica_ns "$n")"; host_if="mdbedr${n}h"; ns_if="mdbedr${n}n"; dir="$BED/replicas/r$n"
+  mkdir -p "$dir/docker" "$BED/run/r$n/exec"
+  if ! ip netns list | grep -qw "$ns"; then
+    ip netns add "$ns"
+    ip link add "$host_if" type veth peer name "$ns_if"
+    ip link set "$ns_if" netns "$ns"
+    ip addr add "10.231.15$n.1/24" dev "$host_if"
+    ip link set "$host_if" up
+    ip netns exec "$ns" ip addr add "10.231.15$n.2/24" dev "$ns_if"
+    ip netns exec "$ns" ip link set "$ns_if" up
+    ip netns exec "$ns" ip link set lo up
+  fi
+  # nsenter --net, not `ip netns exec`: that one remounts /sys and hides the cgroups dockerd needs
+  if ! running "r$n-registry"; then
+    nsenter --net="/run/netns/$ns" setsid docker-registry serve "$BED/registry/config.yml" >>"$BED/log/r$n-registry.log" 2>&1 < /dev/null &
+    echo $! > "$BED/run/r$n-registry.pid"
+  fi
+  if ! running "r$n-dockerd"; then
+    PATH="$BED/bin:$PATH" HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
+      nsenter --net="/run/netns/$ns" setsid dockerd --data-root "$dir/docker" --exec-root "$BED/run/r$n/exec" \
+        -H "unix://$BED/run/r$n-docker.sock" -G docker --pidfile "$BED/run/r$n-dockerd.pid" \
+        --bip "10.231.16$n.1/24" --iptables=false --ip-forward=false --ip-masq=false \
+        --registry-mirror "http://$REGISTRY" --insecure-registry "$REGISTRY" \
+        >>"$BED/log/r$n-dockerd.log" 2>&1 < /dev/null &
+  fi
+  wait_for 60 "replica $n's dockerd" env DOCKER_HOST="unix://$BED/run/r$n-docker.sock" docker info
+  echo "r$n 10.231.15$n.2 unix://$BED/run/r$n-docker.sock"
+}
+
+stop_replicas() {
+  local n
+  for n in 1 2 3; do
+    if running "r$n-dockerd"; then
+      local boxes; boxes="$(DOCKER_HOST="unix://$BED/run/r$n-docker.sock" docker ps -aq 2>/dev/null || true)"
+      [ -z "$boxes" ] || DOCKER_HOST="unix://$BED/run/r$n-docker.sock" docker rm -f $boxes >/dev/null 2>&1 || true
+    fi
+    stop_one "r$n-dockerd"; stop_one "r$n-registry"
+    ip netns del "$(replica_ns "$n")" 2>/dev/null || true
+    ip link del "mdbedr${n}h" 2>/dev/null || true
+  done
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
-  stop) cmd_stop ;;
+  stop) stop_replicas; cmd_stop ;;
+  start-replicas)  # start-replicas N: N replica VMs (at most 3); one line each: name, address, DOCKER_HOST
+    need_root; [ -f "$BED/installed" ] || die "not installed: run scripts/testbed.sh install"
+    for n in $(seq "${2:-2}"); do start_replica "$n"; done ;;
+  stop-replicas) need_root; stop_replicas ;;
   status) cmd_status ;;
   installed) [ -f "$BED/installed" ] ;;
   env)  # for a shell: the bed's paths, as tests/testbed.py reads them
     echo "BED=$BED NODE_USER=$NODE_USER SLURM_CLUSTER=$SLURM_CLUSTER SSH_PORT=$SSH_PORT DOCKER_SOCK=$DOCKER_SOCK REGISTRY=$REGISTRY GPU=$GPU" ;;
-  *) echo "usage: scripts/testbed.sh install|start|stop|status|installed|env" >&2; exit 2 ;;
+  *) echo "usage: scripts/testbed.sh install|start|stop|status|installed|env|start-replicas N|stop-replicas" >&2
+     exit 2 ;;
 esac

@@ -86,9 +86,10 @@ class Bed:
     def docker_env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_HOST": f"unix://{self.docker_sock}"}
 
-    def docker(self, *args: str, timeout: float = 120, check: bool = True) -> str:
-        done = subprocess.run(["docker", *args], env=self.docker_env, capture_output=True, text=True,
-                              timeout=timeout)
+    def docker(self, *args: str, timeout: float = 120, check: bool = True, host: Optional[str] = None) -> str:
+        """The docker CLI against the bed's daemon (or another one of the bed's, `host`)."""
+        env = {**self.docker_env, "DOCKER_HOST": host} if host else self.docker_env
+        done = subprocess.run(["docker", *args], env=env, capture_output=True, text=True, timeout=timeout)
         if check:
             assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr.strip()}"
         return done.stdout
@@ -120,6 +121,28 @@ class Bed:
         while time.monotonic() < deadline and (self.slurm_jobs() or self.node_processes()):
             time.sleep(0.5)
         subprocess.run(["pkill", "-9", "-u", self.node_user], capture_output=True)
+
+
+@dataclass
+class ReplicaHost:
+    """One more "VM" of the bed for a SkyServe replica: its own network namespace and Docker daemon."""
+
+    name: str
+    address: str
+    docker_host: str
+
+
+@pytest.fixture
+def replica_hosts(testbed: Bed) -> Iterator[list[ReplicaHost]]:
+    """Two replica VMs (scripts/testbed.sh start-replicas), stopped with all they ran at the end."""
+    done = subprocess.run([str(SCRIPT), "start-replicas", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MISTRAL_DEPLOY_TESTBED": str(BED_DIR)})
+    try:
+        assert done.returncode == 0, done.stderr[-2000:]
+        yield [ReplicaHost(*line.split()) for line in done.stdout.splitlines() if line.strip()]
+    finally:
+        subprocess.run([str(SCRIPT), "stop-replicas"], capture_output=True, timeout=300,
+                       env={**os.environ, "MISTRAL_DEPLOY_TESTBED": str(BED_DIR)})
 
 
 @pytest.fixture(scope="session")
@@ -234,7 +257,7 @@ class BashVm:
 
     PUBLIC_IP = "203.0.113.7"  # what the node's curl answers for checkip.amazonaws.com
 
-    def __init__(self, bed: Bed, secrets: dict[str, str], *, name: str) -> None:
+    def __init__(self, bed: Bed, secrets: dict[str, str], *, name: str, docker_host: Optional[str] = None) -> None:
         import secrets as random
 
         self.bed = bed
@@ -244,7 +267,7 @@ class BashVm:
         self.env = {
             "HOME": str(self.home), "USER": bed.node_user, "LOGNAME": bed.node_user,
             "PATH": f"{bed.dir / 'nodebin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-            "DOCKER_HOST": f"unix://{bed.docker_sock}", "SKYPILOT_NUM_GPUS_PER_NODE": "1",
+            "DOCKER_HOST": docker_host or f"unix://{bed.docker_sock}", "SKYPILOT_NUM_GPUS_PER_NODE": "1",
             **secrets,
         }
         self.run_process: Optional[subprocess.Popen[str]] = None

@@ -225,11 +225,11 @@ class CloudBackend(_CloudBase):
         from mistral_deploy.fit import check_fit
 
         check_fit(recipe)
-        secrets = launch_secrets(recipe)  # a missing HF_TOKEN is reported before anything exists
         task_config = render_task(recipe)
         sdk = self.sdk
         check_launchable(recipe, sdk)  # what the clouds cannot do, said before anything exists
         check_gpus_offered(recipe, sdk)
+        secrets = launch_secrets(recipe)  # so is a missing HF_TOKEN
         cluster_name = resource_name(recipe.name)
         mode = recipe.network.mode
         deployment = self._reserve(recipe, store, {"cluster": cluster_name, "network": mode,
@@ -503,11 +503,11 @@ class ServeBackend(_CloudBase):
             raise RecipeError(
                 "network.allow: SkyServe's load balancer does not pass client addresses to replicas, so a "
                 "service cannot restrict source CIDRs; deploy one VM (no replicas) to restrict them")
-        secrets = launch_secrets(recipe)
         task_config = render_task(recipe)
         sdk = self.sdk
         check_launchable(recipe, sdk)
         check_gpus_offered(recipe, sdk)
+        secrets = launch_secrets(recipe)
         service_name = resource_name(recipe.name)
         deployment = self._reserve(recipe, store, {"service": service_name, "network": "public",
                                                    "last_phase": "provisioning"})

@@ -324,7 +324,8 @@ def test_missing_hf_token_is_reported_before_anything_is_created(fake, vm, store
     monkeypatch.delenv(HF_TOKEN_SECRET)
     with pytest.raises(MistralDeployError, match="HF_TOKEN"):
         CloudBackend().up(make_recipe(), store, Phases())
-    assert store.list() == [] and fake.calls == []
+    # only questions were asked (what the cloud offers), nothing launched
+    assert store.list() == [] and fake.names() == ["offered_gpus"]
 
 
 # --------------------------------------------------------------------------------------------------

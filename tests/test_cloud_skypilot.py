@@ -7,6 +7,7 @@ classes; only the calls that need an API server and a cloud account are left to 
 from __future__ import annotations
 
 import io
+import os
 import logging
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
@@ -259,3 +260,94 @@ def test_the_sdk_calls_skysdk_makes_match_skypilot_0_14_signatures(sky_mod):
     from sky.utils import cluster_utils
 
     assert "{}" in cluster_utils.SSHConfigHelper.ssh_cluster_path
+
+
+# --- what a cloud can do, asked of SkyPilot before anything is launched (mistral_deploy.infra) ---------
+
+
+def test_our_list_of_infrastructures_is_skypilots(sky_mod):
+    """`render` and recipe validation know SkyPilot's infrastructure names without importing it."""
+    from sky.utils import registry
+
+    from mistral_deploy.infra import CLOUD_ALIASES, SKYPILOT_CLOUDS
+
+    assert set(SKYPILOT_CLOUDS) == set(registry.CLOUD_REGISTRY)
+    assert CLOUD_ALIASES == registry.CLOUD_REGISTRY._aliases  # noqa: SLF001
+
+
+def test_builtin_recipes_offer_a_gpu_on_every_major_cloud(sky_mod, seeded_catalog):
+    """Each built-in recipe has a GPU candidate that AWS, GCP and Azure each offer (SkyPilot's catalog)."""
+    from mistral_deploy.fit import check_fit
+    from mistral_deploy.infra import check_gpus_offered
+    from mistral_deploy.recipe import builtin_recipe_names
+
+    for name in builtin_recipe_names():
+        if name == "tiny-mistral":
+            continue  # a CPU-sized model for trying things: any GPU
+        for cloud in ("aws", "gcp", "azure"):
+            recipe = _recipe(name, cloud=cloud)
+            check_fit(recipe)
+            check_gpus_offered(recipe, SkySdk())  # raises naming what the cloud offers instead
+
+
+def test_a_gpu_the_cloud_does_not_offer_is_refused_saying_what_it_offers(sky_mod, seeded_catalog):
+    from mistral_deploy.infra import check_gpus_offered
+
+    with pytest.raises(CloudError) as caught:
+        check_gpus_offered(_recipe("mistral-7b", cloud="gcp", gpu="A10G"), SkySdk())
+    message = caught.value.message
+    assert message.startswith("resources.gpu: gcp offers none of A10G:1; gcp offers ") and "L4:1" in message
+    # several clouds: one that offers it is enough (SkyPilot skips the others)
+    check_gpus_offered(_recipe("mistral-7b", cloud="gcp,aws", gpu="A10G"), SkySdk())
+
+
+def test_what_an_infrastructure_cannot_do_is_refused_before_launching(sky_mod):
+    from mistral_deploy.errors import RecipeError
+    from mistral_deploy.infra import check_launchable
+
+    sdk = SkySdk()
+    with pytest.raises(RecipeError) as caught:
+        check_launchable(_recipe("tiny-mistral", cloud="slurm", gpu="A10G", network="public"), sdk)
+    assert caught.value.message == (
+        "network.mode: public needs the gateway port opened, which SkyPilot cannot do on slurm (Opening ports "
+        "is not supported in Slurm.); use --network private and reach the endpoint with `mistral-deploy tunnel`")
+    with pytest.raises(RecipeError, match=r"^resources.spot: slurm has no spot instances"):
+        check_launchable(_recipe("tiny-mistral", cloud="slurm", gpu="A10G", spot=True), sdk)
+    check_launchable(_recipe("tiny-mistral", cloud="slurm", gpu="A10G", ttl="1h"), sdk)  # private, autodown: fine
+    check_launchable(_recipe("mistral-7b", cloud="slurm,aws", network="public"), sdk)  # aws can open it
+
+
+def test_up_refuses_in_one_line_and_starts_no_api_server(tmp_path):
+    """`up --cloud slurm` on a public recipe, `up`/`render --cloud mars`: one line, exit 3, nothing started."""
+    import subprocess
+    import sys
+
+    from cloud_support import skypilot_api_servers
+
+    before = skypilot_api_servers()
+    for argv, expected in (
+        (["up", "mistral-7b", "--cloud", "slurm", "--gpu", "A10G"],
+         "error: network.mode: public needs the gateway port opened, which SkyPilot cannot do on slurm"),
+        (["up", "mistral-7b", "--cloud", "mars"],
+         "error: built-in recipe mistral-7b: --cloud (resources.cloud): unknown infrastructure 'mars'"),
+        (["render", "mistral-7b", "--cloud", "mars"],
+         "error: built-in recipe mistral-7b: --cloud (resources.cloud): unknown infrastructure 'mars'"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "mistral_deploy", *argv], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 3, done.stderr
+        assert done.stdout == "" and done.stderr.startswith(expected), done.stderr
+        assert "Traceback" not in done.stderr
+    assert skypilot_api_servers() - before == set()
+    assert not (Path(os.environ["HOME"]) / ".sky" / "api_server").exists()
+
+
+def test_mistral_models_on_the_hub_are_gated_and_their_recipes_ask_for_the_token():
+    """Mistral AI gates its Hub repositories (a contact-information agreement): without HF_TOKEN the VM
+    gets a 401, so every built-in recipe of a mistralai/ model asks for it at launch."""
+    from mistral_deploy.recipe import builtin_recipe_names
+
+    for name in builtin_recipe_names():
+        recipe = load_recipe(name).recipe
+        if recipe.model.id.startswith("mistralai/"):
+            assert recipe.model.hf_token, name

@@ -78,7 +78,8 @@ def test_ttl_and_gpu_and_command(tmp_path: Path) -> None:
         "mistral-deploy", "run", "mistral-7b", "--cloud", "aws", "--gpu", "L4:1", "--ttl", "2h", "--json", "--",
         "pytest", "-k", "chat: smoke", "tests/llm"]
     assert run["env"] == {"AWS_ACCESS_KEY_ID": _secret("AWS_ACCESS_KEY_ID"),
-                          "AWS_SECRET_ACCESS_KEY": _secret("AWS_SECRET_ACCESS_KEY")}  # not gated: no HF_TOKEN
+                          "AWS_SECRET_ACCESS_KEY": _secret("AWS_SECRET_ACCESS_KEY"),
+                          "HF_TOKEN": _secret("HF_TOKEN")}  # gated on the Hub: the token travels
     assert workflow["jobs"]["llm-tests"]["timeout-minutes"] == 120 + 30
 
 

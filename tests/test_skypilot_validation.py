@@ -142,10 +142,10 @@ def test_spot_with_fallback_tries_each_gpu_on_spot_then_on_demand(sky_session: A
     recipe = _recipe("mistral-7b", "aws", spot=True)
     config = render_task(recipe)
     assert [(c["accelerators"], c["use_spot"]) for c in config["resources"]["ordered"]] == [
-        ("A10G:1", True), ("A10G:1", False), ("L4:1", True), ("L4:1", False)]
+        ("A10G:1", True), ("A10G:1", False), ("L4:1", True), ("L4:1", False), ("A10:1", True), ("A10:1", False)]
     task = _skypilot_accepts(sky_session, config, recipe)
     assert [(list(r.accelerators), r.use_spot) for r in task.resources] == [
-        (["A10G"], True), (["A10G"], False), (["L4"], True), (["L4"], False)]
+        (["A10G"], True), (["A10G"], False), (["L4"], True), (["L4"], False), (["A10"], True), (["A10"], False)]
 
 
 def test_skypilot_rejects_what_it_should(sky_session: Any) -> None:

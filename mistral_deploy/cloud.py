@@ -250,7 +250,7 @@ class CloudBackend(_CloudBase):
             keys = [generate_api_key() for _ in range(recipe.auth.keys)]
             store.write_api_keys(recipe.name, keys)
             secrets[API_KEYS_SECRET] = " ".join(keys)
-            where = recipe.resources.cloud or "the cheapest enabled cloud"
+            where = ", then ".join(recipe.resources.clouds) or "the cheapest enabled cloud"
             phase("provisioning", f"{cluster_name} on {where}")
 
             def on_sky_line(line: str) -> None:

@@ -205,42 +205,50 @@ def aws_client(service: str, region: str) -> Any:
 
 def diagnose(recipe: Recipe, source: str) -> DoctorReport:
     """Every preflight check for the recipe (with its flags applied)."""
-    target = recipe.resources.cloud
-    report = DoctorReport(recipe=recipe.name, source=source, cloud=target)
-    if target == LOCAL_CLOUD:
+    targets = recipe.resources.clouds  # several: SkyPilot fails over between them, one usable is enough
+    report = DoctorReport(recipe=recipe.name, source=source, cloud=",".join(targets) or None)
+    if targets == [LOCAL_CLOUD]:
         report.notes.append("the local backend needs no cloud account and no quota")
         return report
-    report.clouds = check_clouds([target] if target else list(DEFAULT_CLOUDS), target)
+    report.clouds = check_clouds(targets or list(DEFAULT_CLOUDS), targets)
     enabled = [c.cloud for c in report.clouds if c.enabled]
-    if target and target not in enabled:
-        reason = next(c.reason for c in report.clouds if c.cloud == target)
-        report.problems.append(Problem(
-            f"SkyPilot cannot use {target}: {reason or 'no usable credentials'}",
-            (f"set up {target} credentials, then check with `sky check {target}`",),
-        ))
-    elif not target and not enabled:
+    if targets and not set(targets) & set(enabled):
+        if len(targets) == 1:
+            reason = report.clouds[0].reason
+            report.problems.append(Problem(
+                f"SkyPilot cannot use {targets[0]}: {reason or 'no usable credentials'}",
+                (f"set up {targets[0]} credentials, then check with `sky check {targets[0]}`",),
+            ))
+        else:
+            report.problems.append(Problem(
+                f"SkyPilot can use none of {', '.join(targets)}: "
+                + "; ".join(f"{c.cloud}: {c.reason or 'no usable credentials'}" for c in report.clouds),
+                ("set up credentials for one of them, then check with `sky check`",),
+            ))
+    elif not targets and not enabled:
         report.problems.append(Problem(
             f"SkyPilot can use none of {', '.join(DEFAULT_CLOUDS)}",
             ("set up credentials for one of them (`sky check` says what is missing), or pass --cloud",),
         ))
 
-    if target == "aws" or (target is None and "aws" in enabled):
+    if "aws" in targets or (not targets and "aws" in enabled):
         check_aws_quota(recipe, report)
-    elif target is None:
+    elif not targets:
         report.notes.append("GPU quota not checked: SkyPilot cannot use AWS here; pass --cloud aws to check it")
     else:
-        report.notes.append(f"GPU quota is checked on AWS only; for {target}, see its console's quota page")
+        report.notes.append(f"GPU quota is checked on AWS only; for {', '.join(targets)}, see the console's "
+                            "quota page")
     return report
 
 
-def check_clouds(names: list[str], target: Optional[str]) -> list[CloudAccess]:
+def check_clouds(names: list[str], targets: list[str]) -> list[CloudAccess]:
     """SkyPilot's credential check for each cloud, in parallel (some clouds call their APIs)."""
     # SkyPilot prints hints for some clouds on stdout; keep stdout for our own output. Redirected once,
     # around the threads: sys.stdout is process-wide, and nested per-thread swaps would not restore it.
     with contextlib.redirect_stdout(io.StringIO()):
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
             verdicts = list(pool.map(_check_one_cloud, names))
-    return [CloudAccess(cloud=name, enabled=ok, reason=_one_line(reason), target=name == target)
+    return [CloudAccess(cloud=name, enabled=ok, reason=_one_line(reason), target=name in targets)
             for name, (ok, reason) in zip(names, verdicts)]
 
 
@@ -270,7 +278,7 @@ def check_aws_quota(recipe: Recipe, report: DoctorReport) -> None:
         return
     use_spot = recipe.resources.spot
     instances = max(1, recipe.replicas.min) if recipe.replicas is not None else 1
-    region = recipe.resources.region
+    region = recipe.resources.region_for("aws")
     if region is None:
         # where SkyPilot tries first: the cheapest region for the first candidate that AWS offers
         for gpu in gpus:

@@ -2,8 +2,9 @@
 
 The one module that reads SkyPilot's catalog. It imports `sky.catalog` inside its functions (seconds of
 start-up that only `plan` pays) and never starts SkyPilot's API server: the catalog is read in-process.
-A catalog that is not on disk yet is an error that says how to get it, not a download: SkyPilot fetches its
-catalogs on first use, and `plan` should neither hang nor fail halfway on a machine that is offline.
+A catalog that is not on disk yet is fetched once, from where SkyPilot fetches it (or $MISTRAL_DEPLOY_
+SKYPILOT_CATALOG_URL, a mirror), with a timeout and a progress line, and recorded as SkyPilot records its
+own downloads; offline, that is an error that says how to get it, never a hang.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from mistral_deploy.errors import CloudError, RecipeError
 from mistral_deploy.recipe import GpuRequest
 
 PRICED_CLOUDS = ("aws", "gcp", "azure")
 HOURS_PER_MONTH = 730
+# Where SkyPilot's catalogs are fetched from, if not SkyPilot's own (GitHub, then its S3 mirror): a mirror.
+CATALOG_URL_ENV = "MISTRAL_DEPLOY_SKYPILOT_CATALOG_URL"
+FETCH_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,55 @@ def catalog_files(clouds: Iterable[str]) -> dict[str, Path]:
     from sky.catalog import common
 
     return {cloud: Path(common.get_catalog_path(f"{cloud}/vms.csv")) for cloud in clouds}
+
+
+def ensure_catalogs(clouds: Iterable[str], say: Callable[[str], None] = lambda _line: None) -> None:
+    """Fetch the VM catalogs of these clouds that are not on disk yet (once; SkyPilot refreshes them later)."""
+    for cloud, path in catalog_files(clouds).items():
+        if not path.is_file():
+            fetch_catalog(f"{cloud}/vms.csv", path, say)
+
+
+def fetch_catalog(filename: str, path: Path, say: Callable[[str], None], *, timeout: float = FETCH_TIMEOUT) -> None:
+    """One catalog file, as SkyPilot's own fetch writes it: the file, and the md5 beside it in `.meta/` that
+    marks it as downloaded (not edited), so that SkyPilot keeps refreshing it."""
+    import hashlib
+    import os
+    from urllib.parse import urlsplit
+
+    import httpx
+    from sky.skylet import constants
+
+    mirror = os.environ.get(CATALOG_URL_ENV)
+    bases = [mirror.rstrip("/")] if mirror else [constants.HOSTED_CATALOG_DIR_URL,
+                                                 constants.HOSTED_CATALOG_DIR_URL_S3_MIRROR]
+    cloud = filename.split("/", 1)[0]
+    problem = "no source"
+    for base in bases:
+        url = f"{base}/{constants.CATALOG_SCHEMA_VERSION}/{filename}"
+        say(f"fetching SkyPilot's {cloud} catalog ({filename}, once) from {urlsplit(url).netloc}")
+        try:
+            response = httpx.get(url, timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+                                 follow_redirects=True, headers={"User-Agent": "SkyPilot/0.7"})
+        except httpx.HTTPError as exc:
+            problem = f"{type(exc).__name__}: {_first_line(exc) or 'no answer'}"
+            continue
+        if response.status_code != 200:  # 429: GitHub's rate limit; the mirror is next
+            problem = f"HTTP {response.status_code} from {urlsplit(url).netloc}"
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".csv.tmp")
+        tmp.write_text(response.text, encoding="utf-8")
+        tmp.replace(path)
+        meta = path.parent.parent / ".meta" / f"{filename}.md5"
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(hashlib.md5(response.text.encode(), usedforsecurity=False).hexdigest(), encoding="utf-8")
+        return
+    raise CloudError(
+        f"SkyPilot's {cloud} catalog is not downloaded yet ({path}), and fetching it failed ({problem})",
+        hint=f"fetch it once while online, e.g. `sky show-gpus --infra {cloud}`, or set {CATALOG_URL_ENV} to a "
+             "mirror of SkyPilot's catalogs, then run plan again",
+    )
 
 
 def find_offers(gpus: list[GpuRequest], clouds: list[str], region: Optional[str] = None) -> list[Offer]:

@@ -59,6 +59,8 @@ def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setenv("TERM", "dumb")
     monkeypatch.setenv("MISTRAL_DEPLOY_MODELS_DIR", str(models_dir))
+    # SkyPilot's catalogs are never fetched from the internet by a test: a closed loopback port instead
+    monkeypatch.setenv("MISTRAL_DEPLOY_SKYPILOT_CATALOG_URL", "http://127.0.0.1:9/catalogs")
     if ENGINE_PYTHON:
         monkeypatch.setenv(ENGINE_PYTHON_ENV, ENGINE_PYTHON)
     return root

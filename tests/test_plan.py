@@ -178,9 +178,49 @@ def test_plan_in_a_fresh_process_reads_the_seeded_catalog_without_an_api_server(
     assert not (sky_catalog / ".sky" / "catalogs" / CATALOG_VERSION / ".meta").exists(), "nothing was fetched"
 
 
-def test_missing_catalog_fails_clearly_without_fetching() -> None:
-    proc = _run_plan_subprocess("mistral-7b", "--cloud", "aws")  # this test's SkyPilot home has no catalog
+def test_missing_catalog_offline_fails_clearly() -> None:
+    # this test's SkyPilot home has no catalog, and the catalog's source (conftest) is a closed port
+    proc = _run_plan_subprocess("mistral-7b", "--cloud", "aws")
     assert proc.returncode == CloudError.exit_code
-    assert "SkyPilot's aws catalog is not downloaded yet" in proc.stderr and "sky show-gpus" in proc.stderr
+    assert "fetching SkyPilot's aws catalog (aws/vms.csv, once) from 127.0.0.1:9" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: SkyPilot's aws catalog is not downloaded yet (")
+    assert "and fetching it failed (ConnectError" in errors[0] and "sky show-gpus" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not (Path(os.environ["SKY_RUNTIME_DIR"]) / ".sky" / "catalogs").exists()
+
+
+def test_missing_catalog_online_is_fetched_once_and_recorded_as_skypilot_does(monkeypatch) -> None:
+    """A catalog server on loopback (SkyPilot's own files) stands in for GitHub, which is not reachable here."""
+    import functools
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            served.append(self.path)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(CATALOG_FIXTURE.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("MISTRAL_DEPLOY_SKYPILOT_CATALOG_URL", f"http://127.0.0.1:{server.server_address[1]}/catalog")
+        proc = _run_plan_subprocess("mistral-7b", "--cloud", "aws", "--json")
+        again = _run_plan_subprocess("mistral-7b", "--cloud", "aws", "--json")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert proc.returncode == 0, proc.stderr
+    assert "fetching SkyPilot's aws catalog (aws/vms.csv, once)" in proc.stderr
+    assert {o["cloud"] for o in json.loads(proc.stdout)["offers"]} == {"aws"}
+    fetched = Path(os.environ["SKY_RUNTIME_DIR"]) / ".sky" / "catalogs" / CATALOG_VERSION
+    text = (fetched / "aws" / "vms.csv").read_text()
+    assert text == (CATALOG_FIXTURE / CATALOG_VERSION / "aws" / "vms.csv").read_text()
+    # the md5 SkyPilot writes beside its own downloads: it refreshes the file later instead of keeping it forever
+    assert (fetched / ".meta" / "aws" / "vms.csv.md5").read_text() == hashlib.md5(text.encode()).hexdigest()
+    assert again.returncode == 0 and "fetching" not in again.stderr
+    assert [p for p in served if "vms.csv" in p] == [f"/catalog/{CATALOG_VERSION}/aws/vms.csv"]  # once

@@ -105,7 +105,11 @@ def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[s
     if not command.strip():
         raise RecipeError("--command: must not be empty")
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, ttl=ttl))
-    target = loaded.recipe.resources.cloud or "aws"
+    named = loaded.recipe.resources.clouds or ["aws"]
+    if len(named) > 1:
+        where = "--cloud" if cloud else f"{loaded.source}: resources.cloud"
+        raise RecipeError(f"{where}: a workflow sets up one cloud's credentials; name one of {', '.join(named)}")
+    target = named[0]
     if target not in CLOUD_SECRETS:
         where = "--cloud" if cloud else f"{loaded.source}: resources.cloud"
         raise RecipeError(f"{where}: init --ci github writes credentials for {', '.join(CLOUD_SECRETS)}; "

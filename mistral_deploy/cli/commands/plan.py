@@ -54,23 +54,26 @@ def plan(
     # price the candidates that fit, and those we cannot judge (unknown model or GPU)
     candidates = [g for g in r.resources.gpu if estimates[str(g)] is None or estimates[str(g)].fits]
 
-    if r.resources.cloud in (None, LOCAL_CLOUD):
+    named = r.resources.clouds
+    if named in ([], [LOCAL_CLOUD]):
         clouds = list(pricing.PRICED_CLOUDS)  # the local backend has no price: show what the clouds charge
-    elif r.resources.cloud in pricing.PRICED_CLOUDS:
-        clouds = [r.resources.cloud]
+    elif set(named) & set(pricing.PRICED_CLOUDS):
+        clouds = [c for c in named if c in pricing.PRICED_CLOUDS]  # the others have no price list
     else:
         where = "--cloud" if cloud else "resources.cloud"
         raise RecipeError(
             f"{loaded.source}: {where}: plan prices {', '.join(pricing.PRICED_CLOUDS)}; "
-            f"{r.resources.cloud!r} has no price catalog"
+            f"{', '.join(named)} {'has' if len(named) == 1 else 'have'} no price catalog"
         )
     use_spot = r.resources.spot
     replicas = max(1, r.replicas.min) if r.replicas is not None else 1
 
-    found = pricing.find_offers(candidates, clouds, r.resources.region)
+    pricing.ensure_catalogs(clouds, say=out.info)  # a catalog never fetched here: once, with a timeout
+    found = [offer for c in clouds for offer in pricing.find_offers(candidates, [c], r.resources.region_for(c))]
     offers = pricing.cheapest_first(found, spot=use_spot) if every else pricing.cheapest_per_region(found, spot=use_spot)
     if not offers:
-        where = f" in {r.resources.region}" if r.resources.region else ""
+        regions = sorted({r.resources.region_for(c) for c in clouds} - {None})
+        where = f" in {', '.join(regions)}" if regions else ""
         raise RecipeError(
             f"{loaded.source}: no offer for {', '.join(str(g) for g in candidates)} on {', '.join(clouds)}{where} "
             "in SkyPilot's catalog; try another --gpu, --cloud or --region"

@@ -65,6 +65,11 @@ _RUN_PHASES = ("engine-start", "weights")
 _REPLICA_PHASES = {"PENDING": "provisioning", "PROVISIONING": "provisioning", "STARTING": "engine-start",
                    "READY": "ready"}
 _SERVICE_FAILED = {"FAILED", "FAILED_CLEANUP", "CONTROLLER_FAILED", "NO_REPLICA", "SHUTTING_DOWN"}
+# What a service with replicas.min: 0 does (SkyServe's autoscaler: no upscale delay from zero replicas,
+# a decision every 20 s on what the load balancer reports every 20 s).
+SCALED_TO_ZERO = ("no replica runs until a request comes: SkyServe launches one within about a minute of "
+                  "the first request, and it serves once provisioned, its image pulled and the model loaded "
+                  "(minutes on a fresh VM); the load balancer answers 503 until then")
 _REPLICA_FAILED = {"FAILED", "FAILED_PROBING", "FAILED_PROVISION", "FAILED_INITIAL_DELAY", "FAILED_CLEANUP",
                    "FAILED_SETUP"}
 
@@ -545,6 +550,13 @@ class ServeBackend(_CloudBase):
             deployment.endpoint = endpoint_url.rstrip("/") + "/v1"
             deployment.details["head_ip"] = urlsplit(endpoint_url).hostname
             store.save(deployment)
+            if recipe.replicas is not None and recipe.replicas.min == 0:
+                # scaled to zero: SkyServe's NO_REPLICA is the normal state; the first request wakes one
+                deployment.phase = "ready"
+                deployment.details.update(last_phase="ready", scaled_to_zero=True)
+                store.save(deployment)
+                progress.done(_ready_message(deployment) + "; " + SCALED_TO_ZERO)
+                return deployment
             phase("provisioning", "replicas")
 
             from mistral_deploy import probe
@@ -664,12 +676,17 @@ class ServeBackend(_CloudBase):
         except CloudError as exc:
             service_status = f"unknown ({exc.message})"
         healthy = False
+        phase = deployment.phase
         if deployment.phase == "ready" and info is not None:
             healthy = self._probe(deployment.endpoint, deployment.tls_ca)
+            if not healthy and info.status == "NO_REPLICA" and deployment.details.get("scaled_to_zero"):
+                phase = "idle"  # scaled to zero: the next request wakes a replica
+        elif deployment.phase == "ready" and service_status == "missing":
+            phase = "gone"
         return {
             "name": deployment.name,
             "backend": self.kind,
-            "phase": deployment.phase,
+            "phase": phase,
             "healthy": healthy,
             "endpoint": deployment.endpoint,
             "ip": urlsplit(deployment.endpoint).hostname if deployment.endpoint else None,

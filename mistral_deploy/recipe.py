@@ -331,6 +331,9 @@ class ReplicasSpec(_Spec):
             raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
         if self.max is not None and self.max > self.min and self.target_qps is None:
             raise ValueError("autoscaling between min and max needs target_qps")
+        if self.min == 0 and not self.max:
+            raise ValueError("min 0 scales to zero: give max (at least 1) and target_qps, for requests to wake "
+                             "replicas")
         return self
 
 

@@ -378,7 +378,8 @@ class FakeSky:
         self.controller_host = host
         endpoint = f"{scheme}://{host}:{self.vm.port}"
         self.services[service_name] = ServiceInfo(
-            name=service_name, status="READY", endpoint=endpoint,
+            # SkyServe's state for a service scaled to zero is NO_REPLICA
+            name=service_name, status="READY" if task.service.min_replicas else "NO_REPLICA", endpoint=endpoint,
             replicas=tuple(ReplicaInfo(replica_id=i + 1, status="READY", endpoint=f"http://10.0.0.{i + 1}:8443",
                                        cluster=f"{service_name}-{i + 1}")
                            for i in range(task.service.min_replicas)),

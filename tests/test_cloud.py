@@ -374,6 +374,28 @@ def test_serve_up_status_down(fake, vm, store):
     assert store.list() == [] and fake.services == {}
 
 
+def test_serve_scaled_to_zero_is_up_once_the_service_is(fake, vm, store):
+    """min 0: SkyServe's NO_REPLICA is the normal state; `up` returns once the service exists and says what
+    the first request does, without waiting for a replica that will not start before a request."""
+    vm.start()
+    fake.controller_host = "127.0.0.1"
+    phases = Phases()
+    recipe = make_recipe(extra={"replicas": {"min": 0, "max": 2, "target_qps": 1}})
+    deployment = ServeBackend().up(recipe, store, phases)
+    assert "tail_job" not in fake.names() and vm.requests == []  # no replica was waited for or probed
+    assert deployment.phase == "ready" and deployment.endpoint.endswith("/v1")
+    assert "the first request" in phases.done_message and "503" in phases.done_message
+    assert fake.services["md-mistral-7b-instruct"].status == "NO_REPLICA"
+    vm.stop()  # the load balancer, with no replica behind it, does not answer 200
+    status = ServeBackend().status(store.load(recipe.name))
+    assert status["phase"] == "idle" and status["healthy"] is False and status["service_status"] == "NO_REPLICA"
+
+
+def test_scaling_to_zero_needs_somewhere_to_scale_to():
+    with pytest.raises(RecipeError, match="replicas: min 0 scales to zero: give max"):
+        make_recipe(extra={"replicas": {"min": 0}})
+
+
 def test_serve_first_service_reissues_the_certificate_for_the_new_controller(fake, vm, store):
     vm.start()
     recipe = _service_recipe()

@@ -229,6 +229,8 @@ class CloudBackend(_CloudBase):
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
         from mistral_deploy.fit import check_fit
 
+        clock = PhaseClock()
+        clock.enter("checks")  # ours, before SkyPilot's launch: fit, rendering, what the clouds can do
         check_fit(recipe)
         task_config = render_task(recipe)
         sdk = self.sdk
@@ -241,7 +243,6 @@ class CloudBackend(_CloudBase):
                                                    "last_phase": "provisioning"})
         job_log: Optional[_JobLog] = None
         tunnel: Optional[Tunnel] = None
-        clock = PhaseClock()
 
         lock = threading.Lock()  # phases come from the job-log thread and from the probe
 
@@ -267,12 +268,15 @@ class CloudBackend(_CloudBase):
                 elif "Launching on" in line:
                     phase("provisioning", line)
 
+            launch_started = time.monotonic()
             try:
                 result = sdk.launch(task_config, cluster_name=cluster_name, secrets=secrets,
                                     global_config=cloud_config(recipe), on_line=on_sky_line)
             except CloudError as exc:
                 self._after_failed_launch(deployment, store, cluster_name, exc)
                 raise
+            # SkyPilot's own part: provisioning, its runtime on the node, the job submitted
+            deployment.details["launch_seconds"] = round(time.monotonic() - launch_started, 2)
             cluster = result.cluster
             price = sdk.hourly_price(cluster)
             deployment.details.update(_cluster_details(cluster), job_id=result.job_id, hourly_price=price)

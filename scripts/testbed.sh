@@ -42,7 +42,7 @@ VLLM_IMAGE="${MISTRAL_DEPLOY_TESTBED_VLLM_IMAGE:-vllm/vllm-openai:v0.32.0}"
 NGINX_IMAGE="${MISTRAL_DEPLOY_TESTBED_NGINX_IMAGE:-nginx:1.28.0-alpine}"
 IMAGES_VERSION=6  # bump when the stand-ins change: `install` rebuilds them
 PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge openssh-server openssh-client rsync patchelf
-          docker.io docker-registry busybox-static iproute2 nginx openssl curl)
+          docker.io docker-registry busybox-static iproute2 nginx openssl curl sudo)
 
 say() { echo "testbed: $*" >&2; }
 die() { echo "testbed: $*" >&2; exit 1; }

@@ -185,6 +185,27 @@ def test_up_vpc_uses_the_private_address_and_skypilots_internal_ip_config(fake, 
     assert CloudBackend().status(store.load(recipe.name))["ip"] == "127.0.0.1"
 
 
+def test_status_sees_a_preempted_spot_vm_and_a_cluster_that_is_gone(fake, vm, store, tmp_path):
+    """The record says ready; the cloud says otherwise: status reports it (asking SkyPilot to refresh)."""
+    import dataclasses
+
+    vm.start(tls_dir=tmp_path / "tls")
+    recipe = make_recipe(spot=True)
+    CloudBackend().up(recipe, store, Phases())
+    cluster = "md-mistral-7b-instruct"
+    fake.clusters[cluster] = dataclasses.replace(fake.clusters[cluster], status="STOPPED")
+    status = CloudBackend().status(store.load(recipe.name))
+    assert status["phase"] == "down" and status["healthy"] is False
+    assert "preempted spot VM" in status["error"] and "use replicas" in status["error"]
+    assert fake.calls[-1].method == "cluster" and fake.calls[-1].args["refresh"] is True
+    del fake.clusters[cluster]
+    status = CloudBackend().status(store.load(recipe.name))
+    assert status["phase"] == "gone" and status["cluster_status"] == "missing"
+    assert store.load(recipe.name).phase == "ready"  # status reports; it changes no record
+    CloudBackend().down(store.load(recipe.name), store, Phases())  # a cluster already gone: just the record
+    assert store.list() == []
+
+
 def test_ttl_and_spot_reach_the_launched_task(fake, vm, store, tmp_path):
     vm.start(tls_dir=tmp_path / "tls")
     recipe = make_recipe(ttl="4h", spot=True)

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,6 +114,13 @@ def test_private_endpoint_lifecycle_on_slurm(testbed: Bed, bed_client: BedClient
     assert status["phases"] == details["phases"] and details["up_seconds"] > 0
     ip = bed_client.cli("status", "--ip", name)
     assert ip.returncode == 0 and ip.stdout.strip() == "127.0.0.1"
+    # a file of the VM over SkyPilot's SSH access, as `up` reads a public endpoint's certificate (with a
+    # HOME other than the passwd one, OpenSSH alone would not find SkyPilot's key)
+    read = subprocess.run(
+        [sys.executable, "-c", "import sys; from mistral_deploy.skysdk import SkySdk; "
+         "sys.stdout.write(SkySdk().read_head_file(sys.argv[1], '~/.mistral-deploy/gateway/nginx.conf'))",
+         f"md-{name}"], env=bed_client.env, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0 and f"listen 127.0.0.1:{port};" in read.stdout, read.stderr[-2000:]
 
     # the tunnel SkyPilot's SSH access carries; the official client through it
     tunnel = subprocess.Popen([bed_client.cli_path, "tunnel", name], env=bed_client.env, stdout=subprocess.PIPE,

@@ -192,3 +192,47 @@ def test_private_vm_gateway_is_loopback_only_and_a_dying_engine_ends_the_job(vm:
     time.sleep(0.5)
     assert vm.run_output[-1].startswith("mistral-deploy: failed: the engine container stopped (exited, exit code 137)")
     assert testbed.docker("inspect", "-f", "{{.State.Running}}", "md-gateway").strip() == "false"
+
+
+def test_docker_through_sudo_keeps_the_engine_environment(testbed: Bed) -> None:
+    """Where the VM's user needs sudo for docker, the run script's `sudo --preserve-env=...` keeps what the
+    engine container is given by name: the recipe's engine variables and the Hugging Face token."""
+    import re
+    import shlex
+
+    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
+    data.update(resources={"cloud": "aws", "gpu": "A10G:1"}, model={**data["model"], "hf_token": True})
+    data["engine"] = {"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "MD_SUDO_CHECK": "kept"}}
+    run = render_task(validate_recipe_data(data, "test").recipe)["run"]
+    line = next(line for line in run.splitlines() if line.startswith('DOCKER="docker"'))
+    sudo = shlex.split(re.search(r'DOCKER="(sudo [^"]+) docker"', line).group(1))
+    env = {"PATH": "/usr/bin:/bin", "HF_TOKEN": "hf_sudo_check_0123456789", "MD_SUDO_CHECK": "kept",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "MD_NOT_NAMED": "dropped"}
+    seen = subprocess.run([*sudo, "env"], env=env, capture_output=True, text=True, timeout=30)  # real sudo
+    assert seen.returncode == 0, seen.stderr
+    lines = set(seen.stdout.splitlines())
+    assert {"HF_TOKEN=hf_sudo_check_0123456789", "MD_SUDO_CHECK=kept", "VLLM_ENABLE_V1_MULTIPROCESSING=0"} <= lines
+    assert "MD_NOT_NAMED=dropped" not in lines  # sudo keeps only what is named
+
+
+def test_tensor_parallelism_follows_the_gpus_skypilot_gave(vm: BashVm, testbed: Bed) -> None:
+    """One recipe, GPU candidates of different counts: the engine is told to use what the VM has."""
+    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
+    data.update(resources={"cloud": "aws", "gpu": ["A10G:1", "L40S:2"]},
+                network={"mode": "private", "port": free_port()})
+    data["engine"] = {**data.get("engine", {}), "port": free_port()}
+    task = render_task(validate_recipe_data(data, "test").recipe)
+    assert "--tensor-parallel-size" not in task["run"].split("TP_ARGS")[0]  # not fixed at render time
+    vm.setup(task["setup"])
+    vm.env["SKYPILOT_NUM_GPUS_PER_NODE"] = "2"  # what SkyPilot exports on a VM with two GPUs
+    vm.start(task["run"])
+    wait_for_line(vm, "mistral-deploy: phase engine-start")
+    deadline = time.monotonic() + 60
+    while "md-engine" not in testbed.containers():
+        assert time.monotonic() < deadline, vm.run_output[-20:]
+        time.sleep(0.5)
+    args = json.loads(testbed.docker("inspect", "-f", "{{json .Args}}", "md-engine"))
+    assert args[0] == "/models/tiny-mistral"  # `vllm serve MODEL`, as the official image's entrypoint wants
+    assert args[-2:] == ["--tensor-parallel-size", "2"]
+    vm.cancel()
+    assert testbed.containers() == []

@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
 from mistral_deploy.failures import explain
 from mistral_deploy.infra import check_gpus_offered, check_launchable
-from mistral_deploy.progress import PhaseClock
 from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
+from mistral_deploy.progress import PhaseClock
 from mistral_deploy.render import (
     API_KEYS_SECRET,
     PROBE_KEY_SECRET,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from mistral_deploy import engine, processes
 from mistral_deploy.errors import EngineError, MistralDeployError, NotReadyError
+from mistral_deploy.failures import explain
 from mistral_deploy.gateway import GatewayLayout, listen_host_for, render_gateway_config, render_keys_map
 from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.processes import ProcessRef
@@ -176,9 +177,11 @@ class LocalBackend:
             tail = processes.tail(directory / ENGINE_LOG, LOG_TAIL_LINES) or "(the engine wrote nothing to its log)"
             if not processes.alive(gateway_ref) and gateway_ref is not None:
                 tail += "\n" + processes.tail(directory / GATEWAY_DIR / "error.log", 10)
-            self._fail(deployment, store, exc.message, engine_ref, gateway_ref)
+            # an engine that died says why in its log (a gated model's 401, out of memory...)
+            message = (None if processes.alive(engine_ref) else explain(tail)) or exc.message
+            self._fail(deployment, store, message, engine_ref, gateway_ref)
             raise NotReadyError(
-                exc.message, log_tail=tail,
+                message, log_tail=tail,
                 hint=f"`mistral-deploy logs {recipe.name}` has the whole log; "
                      f"`mistral-deploy down {recipe.name}` removes the record",
             ) from None

@@ -83,7 +83,8 @@ install_node_user() {
   if ! id "$NODE_USER" >/dev/null 2>&1; then
     useradd --home-dir "$NODE_HOME" --create-home --shell /bin/bash --groups docker "$NODE_USER"
   fi
-  usermod -p '*' "$NODE_USER"  # no password, but not locked: sshd (UsePAM no) refuses '!' accounts
+  usermod -p '*' -d "$NODE_HOME" "$NODE_USER"  # no password, but not locked: sshd (UsePAM no) refuses '!'
+  install -d -o "$NODE_USER" -g "$NODE_USER" -m 755 "$NODE_HOME"
   usermod -aG docker "$NODE_USER"
 
   # a Python 3.10 for SkyPilot's runtime venv (`uv venv --python 3.10` would download one)

@@ -232,7 +232,8 @@ def test_tensor_parallelism_follows_the_gpus_skypilot_gave(vm: BashVm, testbed: 
         assert time.monotonic() < deadline, vm.run_output[-20:]
         time.sleep(0.5)
     args = json.loads(testbed.docker("inspect", "-f", "{{json .Args}}", "md-engine"))
-    assert args[0] == "/models/tiny-mistral"  # `vllm serve MODEL`, as the official image's entrypoint wants
+    # the image's entrypoint is `vllm serve`: its arguments continue it, the model first
+    assert args[:2] == ["serve", "/models/tiny-mistral"]
     assert args[-2:] == ["--tensor-parallel-size", "2"]
     vm.cancel()
     assert testbed.containers() == []

@@ -439,6 +439,7 @@ start_slurm() {
 
 start_sshd() {
   running sshd && return
+  mkdir -p /run/sshd  # sshd's privilege-separation folder (/run is emptied at boot)
   /usr/sbin/sshd -f "$BED/ssh/sshd_config" -E "$BED/log/sshd.log"
   wait_for 10 "sshd" ssh -F /dev/null -i "$BED/ssh/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes \
     -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -p "$SSH_PORT" "$NODE_USER@127.0.0.1" true

@@ -456,6 +456,9 @@ cmd_start() {
   say "up: Slurm cluster $SLURM_CLUSTER (gpu $GPU:1), ssh $NODE_USER@127.0.0.1:$SSH_PORT, docker $DOCKER_SOCK, registry $REGISTRY"
 }
 
+# dockerd leaves its namespace mount behind when it stops: nothing of the bed stays mounted
+unmount_exec_root() { umount "$1/netns/default" 2>/dev/null || true; }
+
 stop_one() {
   local name="$1" pid
   pid="$(pid_of "$name")"
@@ -465,6 +468,10 @@ stop_one() {
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$BED/run/$name.pid"
+  case "$name" in
+    dockerd) unmount_exec_root "$BED/run/exec" ;;
+    r*-dockerd) unmount_exec_root "$BED/run/${name%-dockerd}/exec" ;;
+  esac
 }
 
 cmd_stop() {

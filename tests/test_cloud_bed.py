@@ -10,7 +10,6 @@ but the GPU (a Slurm gres with no device behind it) and, in one test, the Huggin
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket

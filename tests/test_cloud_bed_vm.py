@@ -7,7 +7,6 @@ official image's layout). Other hosts are network namespaces; clients pin the ce
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import stat
 import subprocess

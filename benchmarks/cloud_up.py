@@ -72,13 +72,9 @@ def main() -> None:
 
 
 def one_run(client, root: Path, run: int) -> dict:
-    from mistral_deploy.recipe import builtin_recipes_dir
-    from mistral_deploy.skysdk import free_port
+    import testbed
 
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data.update(name="bench-up", resources={"cloud": "slurm", "gpu": "A10G:1", "disk_size": 64},
-                network={"mode": "private", "port": free_port()})
-    data["engine"] = {**data.get("engine", {}), "port": free_port()}
+    data = testbed.tiny_recipe_data("slurm", "private", name="bench-up")
     recipe = root / "bench.yaml"
     recipe.write_text(yaml.safe_dump(data))
     started = time.monotonic()

@@ -37,7 +37,8 @@ def engine_args(recipe: Recipe, *, model: str, host: str, port: int, model_posit
     model_positional: the model as the first argument, as `vllm serve MODEL` (the official image's
     entrypoint) wants it; `--model` otherwise (`python -m vllm.entrypoints.openai.api_server`).
     tensor_parallel: include `--tensor-parallel-size`; the VM's run script adds it itself, from the GPUs
-    SkyPilot actually gave (see `vm_tensor_parallel`).
+    SkyPilot actually gave ($SKYPILOT_NUM_GPUS_PER_NODE), so that GPU candidates with different counts
+    (A100-80GB:1, L40S:2) all work, unless the recipe fixes it (`resources.tensor_parallel`).
     """
     m = recipe.model
     args: list[str] = [model] if model_positional else []
@@ -65,12 +66,6 @@ def engine_args(recipe: Recipe, *, model: str, host: str, port: int, model_posit
         "--port", str(port),
     ]
     return args
-
-
-def vm_tensor_parallel(recipe: Recipe) -> Optional[int]:
-    """A tensor-parallel size fixed by the recipe, or None: the VM uses every GPU SkyPilot gave it
-    ($SKYPILOT_NUM_GPUS_PER_NODE), so GPU candidates with different counts (A100-80GB:1, L40S:2) all work."""
-    return recipe.resources.tensor_parallel
 
 
 def vm_gateway_tls(recipe: Recipe) -> bool:
@@ -180,7 +175,7 @@ def render_run(recipe: Recipe) -> str:
         engine_container_port=ENGINE_CONTAINER_PORT,
         engine_args=" ".join(shlex.quote(a) for a in args),
         engine_env=sorted(recipe.engine.env),
-        tensor_parallel=vm_tensor_parallel(recipe) or "",
+        tensor_parallel=recipe.resources.tensor_parallel or "",
         hf_token=recipe.model.hf_token,
         builtin_model=recipe.builtin_model,
         vpc=recipe.network.mode == "vpc",

@@ -399,23 +399,38 @@ cmd_install() {
 # ------------------------------------------------------------------------------------------------
 # start / stop
 
+launch_registry() {  # launch_registry NAME [PREFIX...]: the registry, run by PREFIX (nsenter) if given
+  local name="$1"; shift
+  running "$name" && return
+  "$@" setsid docker-registry serve "$BED/registry/config.yml" >>"$BED/log/$name.log" 2>&1 < /dev/null &
+  echo $! > "$BED/run/$name.pid"
+}
+
+launch_dockerd() {  # launch_dockerd NAME DATA_ROOT EXEC_ROOT SOCKET BRIDGE [PREFIX...]
+  local name="$1" data="$2" exec_root="$3" sock="$4" bridge="$5"; shift 5
+  running "$name" && return
+  mkdir -p "$data" "$exec_root"
+  # HTTP(S)_PROXY to a closed loopback port: if the mirror ever misses, the daemon cannot reach Docker Hub
+  PATH="$BED/bin:$PATH" HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
+    "$@" setsid dockerd --data-root "$data" --exec-root "$exec_root" -H "unix://$sock" -G docker \
+      --pidfile "$BED/run/$name.pid" --bip "$bridge" --iptables=false --ip-forward=false --ip-masq=false \
+      --registry-mirror "http://$REGISTRY" --insecure-registry "$REGISTRY" \
+      >>"$BED/log/$name.log" 2>&1 < /dev/null &
+  wait_for 60 "$name" env DOCKER_HOST="unix://$sock" docker info
+}
+
+remove_all_containers() {  # remove_all_containers SOCKET: what a daemon of the bed still holds
+  local boxes; boxes="$(DOCKER_HOST="unix://$1" docker ps -aq 2>/dev/null || true)"
+  [ -z "$boxes" ] || DOCKER_HOST="unix://$1" docker rm -f $boxes >/dev/null 2>&1 || true
+}
+
 start_registry() {
-  running registry && return
-  setsid docker-registry serve "$BED/registry/config.yml" >>"$BED/log/registry.log" 2>&1 < /dev/null &
-  echo $! > "$BED/run/registry.pid"
+  launch_registry registry
   wait_for 30 "the registry" curl -fsS "http://$REGISTRY/v2/"
 }
 
 start_dockerd() {
-  running dockerd && return
-  mkdir -p "$BED/run/exec"
-  # HTTP(S)_PROXY to a closed loopback port: if the mirror ever misses, the daemon cannot reach Docker Hub
-  PATH="$BED/bin:$PATH" HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
-    setsid dockerd --data-root "$BED/docker" --exec-root "$BED/run/exec" -H "unix://$DOCKER_SOCK" -G docker \
-      --pidfile "$BED/run/dockerd.pid" --bip "$DOCKER_BRIDGE" --iptables=false --ip-forward=false --ip-masq=false \
-      --registry-mirror "http://$REGISTRY" --insecure-registry "$REGISTRY" \
-      >>"$BED/log/dockerd.log" 2>&1 < /dev/null &
-  wait_for 60 "dockerd" docker_ info
+  launch_dockerd dockerd "$BED/docker" "$BED/run/exec" "$DOCKER_SOCK" "$DOCKER_BRIDGE"
 }
 
 start_munge() {
@@ -478,10 +493,7 @@ cmd_stop() {
   need_root
   # what the tests may have left: jobs, containers, the node's processes (SkyPilot's skylets)
   if running slurmctld; then SLURM_CONF="$BED/slurm/slurm.conf" scancel -u "$NODE_USER" 2>/dev/null || true; fi
-  if running dockerd; then
-    local boxes; boxes="$(docker_ ps -aq 2>/dev/null || true)"
-    [ -z "$boxes" ] || docker_ rm -f $boxes >/dev/null 2>&1 || true
-  fi
+  if running dockerd; then remove_all_containers "$DOCKER_SOCK"; fi
   pkill -u "$NODE_USER" 2>/dev/null || true
   for d in dockerd registry sshd slurmd slurmctld munged; do stop_one "$d"; done
   sleep 0.5
@@ -507,7 +519,6 @@ replica_ns() { echo "mdbed-r$1"; }
 start_replica() {
   local n="$1" ns host_if ns_if dir
   ns="$(replica_ns "$n")"; host_if="mdbedr${n}h"; ns_if="mdbedr${n}n"; dir="$BED/replicas/r$n"
-  mkdir -p "$dir/docker" "$BED/run/r$n/exec"
   if ! ip netns list | grep -qw "$ns"; then
     ip netns add "$ns"
     ip link add "$host_if" type veth peer name "$ns_if"
@@ -519,29 +530,16 @@ start_replica() {
     ip netns exec "$ns" ip link set lo up
   fi
   # nsenter --net, not `ip netns exec`: that one remounts /sys and hides the cgroups dockerd needs
-  if ! running "r$n-registry"; then
-    nsenter --net="/run/netns/$ns" setsid docker-registry serve "$BED/registry/config.yml" >>"$BED/log/r$n-registry.log" 2>&1 < /dev/null &
-    echo $! > "$BED/run/r$n-registry.pid"
-  fi
-  if ! running "r$n-dockerd"; then
-    PATH="$BED/bin:$PATH" HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
-      nsenter --net="/run/netns/$ns" setsid dockerd --data-root "$dir/docker" --exec-root "$BED/run/r$n/exec" \
-        -H "unix://$BED/run/r$n-docker.sock" -G docker --pidfile "$BED/run/r$n-dockerd.pid" \
-        --bip "10.231.16$n.1/24" --iptables=false --ip-forward=false --ip-masq=false \
-        --registry-mirror "http://$REGISTRY" --insecure-registry "$REGISTRY" \
-        >>"$BED/log/r$n-dockerd.log" 2>&1 < /dev/null &
-  fi
-  wait_for 60 "replica $n's dockerd" env DOCKER_HOST="unix://$BED/run/r$n-docker.sock" docker info
+  launch_registry "r$n-registry" nsenter --net="/run/netns/$ns"
+  launch_dockerd "r$n-dockerd" "$dir/docker" "$BED/run/r$n/exec" "$BED/run/r$n-docker.sock" "10.231.16$n.1/24" \
+    nsenter --net="/run/netns/$ns"
   echo "r$n 10.231.15$n.2 unix://$BED/run/r$n-docker.sock"
 }
 
 stop_replicas() {
   local n
   for n in 1 2 3; do
-    if running "r$n-dockerd"; then
-      local boxes; boxes="$(DOCKER_HOST="unix://$BED/run/r$n-docker.sock" docker ps -aq 2>/dev/null || true)"
-      [ -z "$boxes" ] || DOCKER_HOST="unix://$BED/run/r$n-docker.sock" docker rm -f $boxes >/dev/null 2>&1 || true
-    fi
+    if running "r$n-dockerd"; then remove_all_containers "$BED/run/r$n-docker.sock"; fi
     stop_one "r$n-dockerd"; stop_one "r$n-registry"
     ip netns del "$(replica_ns "$n")" 2>/dev/null || true
     ip link del "mdbedr${n}h" 2>/dev/null || true

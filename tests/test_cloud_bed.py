@@ -26,27 +26,16 @@ import pytest
 import yaml
 
 from local_support import assert_gone, port_free
-from mistral_deploy.recipe import builtin_recipes_dir
-from mistral_deploy.skysdk import free_port
-from testbed import Bed, BedClient, bed_client, testbed  # noqa: F401  (fixtures)
+from testbed import Bed, BedClient, bed_client, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.testbed
 HF = "hf_bedtest_not_a_real_token_0123456789"
 
 
 def write_recipe(path: Path, name: str, **changes: Any) -> Path:
-    """The tiny model on the bed's Slurm cluster and GPU, private, on free ports; `changes` by section."""
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data["name"] = name
-    data["resources"] = {"cloud": "slurm", "gpu": "A10G:1", "disk_size": 64}
-    data["network"] = {"mode": "private", "port": free_port()}
-    data["engine"] = {**data.get("engine", {}), "port": free_port()}
-    data["health"] = {"readiness_timeout": 900, "probe_interval": 1}
-    for section, values in changes.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
+    """The tiny model on the bed's Slurm cluster, private; `changes` by section."""
+    data = tiny_recipe_data("slurm", "private", name=name, health={"readiness_timeout": 900, "probe_interval": 1},
+                            **changes)
     path.write_text(yaml.safe_dump(data))
     return path
 

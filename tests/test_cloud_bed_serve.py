@@ -22,16 +22,15 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-import yaml
 
 from local_support import assert_gone
 from mistral_deploy import probe
 from mistral_deploy.gateway import UPSTREAM_TIMEOUT_SECONDS
 from mistral_deploy.keys import generate_tls
-from mistral_deploy.recipe import builtin_recipes_dir, validate_recipe_data
+from mistral_deploy.recipe import validate_recipe_data
 from mistral_deploy.render import API_KEYS_SECRET, PROBE_KEY_SECRET, render_task
 from mistral_deploy.skysdk import SkySdk, free_port, port_open
-from testbed import BashVm, Bed, ReplicaHost, replica_hosts, testbed  # noqa: F401  (fixtures)
+from testbed import BashVm, Bed, ReplicaHost, replica_hosts, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.testbed
 KEYS = ["md-serve-client-key-0123456789abcdefghijkl"]
@@ -80,10 +79,7 @@ class Controller:
 
 @pytest.fixture
 def service(testbed: Bed, replica_hosts: list[ReplicaHost], tmp_path: Path) -> Iterator[dict[str, Any]]:
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data.update(resources={"cloud": "aws", "gpu": "A10G:1", "disk_size": 64}, replicas=2,
-                network={"mode": "public", "port": free_port()})
-    data["engine"] = {**data.get("engine", {}), "port": free_port()}
+    data = tiny_recipe_data("aws", "public", replicas=2)
     recipe = validate_recipe_data(data, "test").recipe
     config = render_task(recipe)
     secrets = {API_KEYS_SECRET: " ".join(KEYS + [PROBE_KEY]), PROBE_KEY_SECRET: PROBE_KEY}

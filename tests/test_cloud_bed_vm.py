@@ -17,15 +17,13 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-import yaml
 
 from local_support import Host, make_hosts, port_free
 from mistral_deploy import probe
 from mistral_deploy.errors import NotReadyError
-from mistral_deploy.recipe import builtin_recipes_dir, validate_recipe_data
+from mistral_deploy.recipe import validate_recipe_data
 from mistral_deploy.render import API_KEYS_SECRET, render_task
-from mistral_deploy.skysdk import free_port
-from testbed import BashVm, Bed, testbed  # noqa: F401  (fixtures)
+from testbed import BashVm, Bed, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.testbed
 KEYS = ["md-bedvm-first-key-0123456789abcdefghijklmn", "md-bedvm-second-key-0123456789abcdefghijkl"]
@@ -33,13 +31,10 @@ READY_WITHIN = 300.0
 
 
 def tiny_recipe(mode: str, **network: Any) -> Any:
-    """The tiny model on a cloud VM (aws, A10G), on free ports, in this network mode."""
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data["resources"] = {"cloud": "aws", "gpu": "A10G:1", "disk_size": 64}
-    data["network"] = {"mode": mode, "port": free_port(), **network}
+    """The tiny model on a cloud VM (aws), in this network mode."""
+    data = tiny_recipe_data("aws", mode, network=network)
     if mode == "vpc":
         data["network"].setdefault("vpc_name", "bed-vpc")
-    data["engine"] = {**data.get("engine", {}), "port": free_port()}
     return validate_recipe_data(data, "test").recipe
 
 
@@ -199,9 +194,8 @@ def test_docker_through_sudo_keeps_the_engine_environment(testbed: Bed) -> None:
     import re
     import shlex
 
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data.update(resources={"cloud": "aws", "gpu": "A10G:1"}, model={**data["model"], "hf_token": True})
-    data["engine"] = {"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "MD_SUDO_CHECK": "kept"}}
+    data = tiny_recipe_data("aws", "private", model={"hf_token": True},
+                            engine={"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "MD_SUDO_CHECK": "kept"}})
     run = render_task(validate_recipe_data(data, "test").recipe)["run"]
     line = next(line for line in run.splitlines() if line.startswith('DOCKER="docker"'))
     sudo = shlex.split(re.search(r'DOCKER="(sudo [^"]+) docker"', line).group(1))
@@ -216,10 +210,7 @@ def test_docker_through_sudo_keeps_the_engine_environment(testbed: Bed) -> None:
 
 def test_tensor_parallelism_follows_the_gpus_skypilot_gave(vm: BashVm, testbed: Bed) -> None:
     """One recipe, GPU candidates of different counts: the engine is told to use what the VM has."""
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data.update(resources={"cloud": "aws", "gpu": ["A10G:1", "L40S:2"]},
-                network={"mode": "private", "port": free_port()})
-    data["engine"] = {**data.get("engine", {}), "port": free_port()}
+    data = tiny_recipe_data("aws", "private", resources={"gpu": ["A10G:1", "L40S:2"]})
     task = render_task(validate_recipe_data(data, "test").recipe)
     assert "--tensor-parallel-size" not in task["run"].split("TP_ARGS")[0]  # not fixed at render time
     vm.setup(task["setup"])

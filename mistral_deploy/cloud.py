@@ -28,11 +28,12 @@ from urllib.parse import urlsplit
 
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
 from mistral_deploy.failures import explain
+from mistral_deploy.gateway import PROBE_KEY_ID, hashes_for, hashes_secret, key_hash
 from mistral_deploy.infra import check_gpus_offered, check_launchable
 from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.progress import PhaseClock
 from mistral_deploy.render import (
-    API_KEYS_SECRET,
+    KEY_HASHES_SECRET,
     PROBE_KEY_SECRET,
     VM_STATE_DIR,
     cloud_config,
@@ -255,7 +256,8 @@ class CloudBackend(_CloudBase):
         try:
             keys = [generate_api_key() for _ in range(recipe.auth.keys)]
             store.write_api_keys(recipe.name, keys)
-            secrets[API_KEYS_SECRET] = " ".join(keys)
+            # the VM receives only the keys' hashes: nothing SkyPilot stores or ships can call the endpoint
+            secrets[KEY_HASHES_SECRET] = hashes_secret(hashes_for(keys))
             where = ", then ".join(recipe.resources.clouds) or "the cheapest enabled cloud"
             phase("provisioning", f"{cluster_name} on {where}")
 
@@ -529,8 +531,10 @@ class ServeBackend(_CloudBase):
         try:
             keys = [generate_api_key() for _ in range(recipe.auth.keys)]
             store.write_api_keys(recipe.name, keys)
-            probe_key = generate_api_key()  # for SkyServe's readiness probe only; stored nowhere here
-            secrets[API_KEYS_SECRET] = " ".join(keys + [probe_key])
+            # SkyServe's readiness probe sends its own key, from the service spec: the gateway lets it ask
+            # for one token, at a low rate, and nothing else (gateway.js); revoked by its id, `probe`
+            probe_key = generate_api_key()
+            secrets[KEY_HASHES_SECRET] = hashes_secret({**hashes_for(keys), PROBE_KEY_ID: key_hash(probe_key)})
             secrets[PROBE_KEY_SECRET] = probe_key
             phase("provisioning", f"service {service_name}: controller and load balancer")
             tls_hosts: list[str] = []

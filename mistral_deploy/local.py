@@ -4,11 +4,12 @@
       engine.log                  the engine's output
       (the engine's TMPDIR is a short md-NAME-* folder in the system temp dir: IPC socket paths)
       gateway/nginx.conf          rendered from templates/nginx.conf.j2 (no secret in it)
-      gateway/api_keys.map        0600: the keys, as the gateway's map include
+      gateway/api_keys.map        0600: the keys' SHA-256 hashes, as the gateway's map include
+      gateway/gateway.js          the gateway's key hashing and body limits (njs)
       gateway/tls/                ca.pem (clients pin it), cert.pem, key.pem (0600)
       gateway/error.log, access.log (never a key: see the template's log_format)
 
-The engine binds 127.0.0.1 on a free port; the gateway is the only listener: 127.0.0.1 for a private
+The engine serves on a Unix socket in a 0700 folder of this user's; the gateway is the only listener: 127.0.0.1 for a private
 endpoint, every address (with the allowed CIDRs enforced) for a public one. Keys reach nginx through the
 0600 include file, the Hugging Face token reaches the engine through its environment: never argv.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import shutil
 import socket
 import struct
@@ -28,11 +30,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from mistral_deploy import engine, processes
 from mistral_deploy.errors import EngineError, MistralDeployError, NotReadyError
 from mistral_deploy.failures import explain
-from mistral_deploy.gateway import GatewayLayout, listen_host_for, render_gateway_config, render_keys_map
+from mistral_deploy.gateway import (GatewayLayout, hashes_for, listen_host_for, render_gateway_config,
+                                    render_keys_map)
 from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.processes import ProcessRef
 from mistral_deploy.render import engine_args
-from mistral_deploy.skysdk import free_port, port_open  # plain sockets; sky itself is not imported
+from mistral_deploy.skysdk import port_open  # plain sockets; sky itself is not imported
+from mistral_deploy.templates import template_text
 from mistral_deploy.state import Deployment
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from mistral_deploy.state import StateStore
 
 ENGINE_LOG = "engine.log"
+ENGINE_SOCKET = "engine.sock"
 GATEWAY_DIR = "gateway"
 LOG_TAIL_LINES = 30
 # Locally a probe costs nothing: poll often, so that `up` returns soon after the engine first answers.
@@ -59,6 +64,16 @@ def find_nginx() -> str:
         raise EngineError("nginx (the gateway) is not installed",
                           hint="install it: sudo apt-get install nginx (or scripts/install.sh)")
     return path
+
+
+def require_njs(nginx: str) -> None:
+    """The gateway hashes keys and checks request bodies in nginx's njs module (gateway.js)."""
+    from mistral_deploy.gateway import NGINX_MODULES_DIR
+
+    if not (Path(NGINX_MODULES_DIR) / "ngx_http_js_module.so").is_file():
+        raise EngineError(f"nginx's njs module (the gateway's key and limit checks) is not installed in "
+                          f"{NGINX_MODULES_DIR}", hint="install it: sudo apt-get install libnginx-mod-http-js "
+                                                       "(or scripts/install.sh)")
 
 
 def port_problem(host: str, port: int) -> Optional[str]:
@@ -100,6 +115,7 @@ class LocalBackend:
     # ---------------------------------------------------------------------------------------------- up
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
         nginx = find_nginx()
+        require_njs(nginx)
         python = engine.engine_python()
         hf_env = hf_token_secret(recipe)  # a missing token is reported before anything exists
         mode = recipe.network.mode
@@ -127,21 +143,22 @@ class LocalBackend:
                 model = str(engine.ensure_builtin_model(recipe.builtin_model, python,
                                                         say=lambda line: progress.phase("model", line)))
 
-            engine_port = free_port()
-            layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, engine_port)
+            # The engine's TMPDIR holds its IPC sockets and the Unix socket it serves on, whose paths must
+            # stay under 108 bytes: a short private (0700) folder in the system's temp dir, not under the
+            # (possibly deep) state folder. Only this user (the gateway's) can open it.
+            tmpdir = tempfile.mkdtemp(prefix=f"md-{recipe.name[:12]}-")
+            deployment.details["tmpdir"] = tmpdir
+            engine_socket = str(Path(tmpdir) / ENGINE_SOCKET)
+            layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, engine_socket)
             scheme = "https" if recipe.tls_enabled else "http"
             deployment.endpoint = f"{scheme}://127.0.0.1:{port}/v1"
             deployment.tls_ca = tls_ca
-            deployment.details["engine_port"] = engine_port
+            deployment.details["engine_socket"] = engine_socket
 
-            progress.phase("engine-start", f"vLLM on 127.0.0.1:{engine_port}")
-            # The engine's TMPDIR holds its IPC sockets, whose paths must stay under 108 bytes: a short
-            # private folder in the system's temp dir, not under the (possibly deep) state folder.
-            tmpdir = tempfile.mkdtemp(prefix=f"md-{recipe.name[:12]}-")
-            deployment.details["tmpdir"] = tmpdir
+            progress.phase("engine-start", f"vLLM on {engine_socket}")
             env = self._engine_env(recipe, Path(tmpdir), hf_env)
             argv = [python, "-m", "vllm.entrypoints.openai.api_server",
-                    *engine_args(recipe, model=model, host="127.0.0.1", port=engine_port)]
+                    *engine_args(recipe, model=model, socket=engine_socket)]
             engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory)
             deployment.details["engine"] = engine_ref.to_json()
             store.save(deployment)
@@ -221,21 +238,26 @@ class LocalBackend:
 
     @staticmethod
     def _write_gateway(recipe: "Recipe", directory: Path, keys: list[str], listen_host: str, port: int,
-                       engine_port: int) -> tuple[GatewayLayout, Optional[str]]:
+                       engine_socket: str) -> tuple[GatewayLayout, Optional[str]]:
         gw = directory / GATEWAY_DIR
         gw.mkdir(mode=0o700, exist_ok=True)
         (gw / "temp").mkdir(mode=0o700, exist_ok=True)
-        keys_file = write_private(gw / "api_keys.map", render_keys_map(keys))
+        keys_file = write_private(gw / "api_keys.map", render_keys_map(hashes_for(keys)))
+        js_file = gw / "gateway.js"
+        js_file.write_text(template_text("gateway.js"), encoding="utf-8")
         tls_ca = cert = key = None
         if recipe.tls_enabled:
             hosts = local_ipv4_addresses() + ["localhost", socket.gethostname()]
             files = generate_tls(gw / "tls", list(dict.fromkeys(hosts)), common_name=recipe.name)
             cert, key, tls_ca = str(files.cert), str(files.key), str(files.ca_cert)
         layout = GatewayLayout(
-            listen_host=listen_host, port=port, engine_host="127.0.0.1", engine_port=engine_port,
+            listen_host=listen_host, port=port, engine_socket=engine_socket, js_file=str(js_file),
             keys_file=str(keys_file), pid_file=str(gw / "nginx.pid"), error_log=str(gw / "error.log"),
             access_log=str(gw / "access.log"), temp_dir=str(gw / "temp"), tls_cert=cert, tls_key=key,
-            worker_processes="auto",
+            worker_processes="auto", max_open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+            # nginx started by root would run its workers as nobody, who cannot open the engine's socket
+            # folder (0700): they run as this user, as they do for everyone else
+            user="root" if os.geteuid() == 0 else None,
         )
         config = render_gateway_config(recipe, layout)
         (gw / "nginx.conf").write_text(config, encoding="utf-8")

@@ -177,7 +177,6 @@ class ModelSpec(_Spec):
 
 class EngineSpec(_Spec):
     image: str = DEFAULT_VLLM_IMAGE
-    port: int = Field(8000, ge=1024, le=65535)
     gpu_memory_utilization: float = Field(0.9, gt=0.1, le=0.98)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -303,6 +302,27 @@ class AuthSpec(_Spec):
     keys: int = Field(1, ge=1, le=16, description="API keys generated at launch")
 
 
+class LimitsSpec(_Spec):
+    """What one client address or one key may take of the endpoint; enforced by the gateway (and the
+    output length by the engine too) before any generation starts. Exceeding a rate or concurrency
+    limit answers 429 with Retry-After; a request over a size cap answers 400."""
+
+    connections_per_address: int = Field(128, ge=1, le=100000,
+                                         description="requests in flight from one client address")
+    max_connections: int = Field(16384, ge=256, le=262144,
+                                 description="connections the gateway holds at once, per worker (nginx "
+                                             "worker_connections; its file-descriptor limit follows)")
+    header_timeout: Duration = Field(10, le=300, description="time a client has to send a request's headers")
+    body_timeout: Duration = Field(30, le=600, description="longest pause while a client sends a body")
+    requests_per_minute: int = Field(1200, ge=1, le=1000000, description="per API key")
+    concurrent_requests: int = Field(64, ge=1, le=100000, description="requests in flight per API key")
+    max_n: int = Field(4, ge=1, le=128, description="completions per request (n, best_of)")
+    max_batch: int = Field(16, ge=1, le=4096, description="prompts (or embedding inputs) per request")
+    max_tokens: int = Field(4096, ge=1, le=1048576,
+                            description="output tokens per completion: a larger max_tokens is refused, "
+                                        "and the engine caps requests that give none")
+
+
 class HealthSpec(_Spec):
     readiness_timeout: Duration = Field(1800, description="how long `up` waits for the endpoint")
     probe_interval: float = Field(1.0, gt=0, le=60, description="seconds between readiness probes")
@@ -345,6 +365,7 @@ class Recipe(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     auth: AuthSpec = Field(default_factory=AuthSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     lifetime: LifetimeSpec = Field(default_factory=LifetimeSpec)
     replicas: Optional[ReplicasSpec] = Field(
@@ -366,10 +387,9 @@ class Recipe(_Spec):
     @model_validator(mode="after")
     def _check_relations(self) -> "Recipe":
         res, net = self.resources, self.network
-        if net.mode == "public" and not self.auth.enabled:
-            raise ValueError("auth.enabled: a public endpoint must require API keys; use network.mode: private")
-        if self.engine.port == net.port:
-            raise ValueError(f"engine.port: must differ from network.port ({net.port})")
+        if net.mode != "private" and not self.auth.enabled:
+            raise ValueError(f"auth.enabled: a {net.mode} endpoint must require API keys (only a private "
+                             "endpoint, reached through its tunnel, may go without)")
         clouds = res.clouds
         for field_name, value in (("resources.region", res.region), ("network.vpc_name", net.vpc_name)):
             if isinstance(value, str) and len(clouds) > 1:
@@ -394,8 +414,6 @@ class Recipe(_Spec):
                 raise ValueError("replicas: the local backend runs one replica; remove replicas or pick a cloud")
             if net.mode != "public":
                 raise ValueError("replicas: a SkyServe service needs network.mode: public")
-        if net.mode == "vpc" and net.tls is None:
-            pass  # inside a VPC, TLS stays opt-in
         return self
 
     # Derived values, so that nothing downstream re-implements the defaults.

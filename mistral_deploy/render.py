@@ -7,6 +7,7 @@ null values, supplied at launch.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from typing import Any, Optional
@@ -19,20 +20,31 @@ from mistral_deploy.recipe import Recipe
 from mistral_deploy.templates import render_template, template_text
 
 GATEWAY_IMAGE = "nginx:1.28.0-alpine"
-API_KEYS_SECRET = "MISTRAL_DEPLOY_API_KEYS"
-# A service's readiness probe sends one key, generated for the probe alone (also accepted by the gateway).
+# The SHA-256 of each API key, `ID:HASH ...`: the VM never receives a key (gateway.hashes_secret).
+KEY_HASHES_SECRET = "MISTRAL_DEPLOY_KEY_HASHES"
+# A service's readiness probe sends one key, generated for the probe alone; the gateway lets it ask for
+# one token at a low rate (gateway.js), since SkyServe keeps it in clear in the service's spec.
 PROBE_KEY_SECRET = "MISTRAL_DEPLOY_PROBE_KEY"
 HF_TOKEN_SECRET = "HF_TOKEN"
-# The engine listens on this port inside its container; the host publishes it on 127.0.0.1 only.
-ENGINE_CONTAINER_PORT = 8000
 # On the VM: the gateway's files, mounted read-only into the nginx container at VM_GATEWAY_DIR.
 VM_STATE_DIR = "$HOME/.mistral-deploy"
 VM_GATEWAY_DIR = "/etc/mistral-deploy"
+# The engine's Unix socket on the VM: $MD_DIR/engine on the host, mounted at VM_ENGINE_DIR in both
+# containers. The engine container (root) makes the folder root:GATEWAY_GID 2750 and the socket 0770,
+# so that exactly root and the gateway's workers (the nginx image's user, uid/gid 101) can open it.
+VM_ENGINE_DIR = "/run/mistral-deploy"
+VM_ENGINE_SOCKET = f"{VM_ENGINE_DIR}/engine.sock"
+GATEWAY_USER, GATEWAY_GID = "nginx", 101
+# Docker's json-file logs of each container are rotated: at most LOG_FILES files of LOG_MAX_SIZE.
+LOG_MAX_SIZE, LOG_FILES = "50m", 3
 
 
-def engine_args(recipe: Recipe, *, model: str, host: str, port: int, model_positional: bool = False,
+def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bool = False,
                 tensor_parallel: bool = True) -> list[str]:
     """The vLLM server's arguments, shared by the local backend and the VM. Never a secret.
+
+    socket: the Unix socket the engine serves on (`--uds`); it has no TCP listener, so nothing on the
+    machine but the gateway (which alone may open the socket's folder) can reach it or take its place.
 
     model_positional: the model as the first argument, as `vllm serve MODEL` (the official image's
     entrypoint) wants it; `--model` otherwise (`python -m vllm.entrypoints.openai.api_server`).
@@ -56,16 +68,47 @@ def engine_args(recipe: Recipe, *, model: str, host: str, port: int, model_posit
         args += ["--gpu-memory-utilization", str(recipe.engine.gpu_memory_utilization)]
     if m.task == "embed":
         args += ["--runner", "pooling"]
-    args += list(m.vllm_args)
+    user_args, generation = _split_generation_config(list(m.vllm_args))
+    args += user_args
+    # The engine's own output cap (limits.max_tokens): requests that give no max_tokens get it, larger
+    # ones are clamped (the gateway refuses them before they arrive). Merged into the recipe's own
+    # --override-generation-config, if it has one.
+    generation["max_new_tokens"] = min(int(generation.get("max_new_tokens") or recipe.limits.max_tokens),
+                                       recipe.limits.max_tokens)
+    if m.task == "generate":
+        args += ["--override-generation-config", json.dumps(generation, sort_keys=True, separators=(",", ":"))]
     # Ours come last: where the engine listens and what it serves win over anything before them.
     if not model_positional:
         args += ["--model", model]
     args += [
         "--served-model-name", recipe.served_model_name,
-        "--host", host,
-        "--port", str(port),
+        "--uds", socket,
     ]
     return args
+
+
+def _split_generation_config(args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The recipe's vLLM arguments without --override-generation-config, and that flag's JSON."""
+    rest: list[str] = []
+    config: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        if flag.replace("_", "-") == "--override-generation-config":
+            if not eq:
+                i += 1
+                value = args[i] if i < len(args) else "{}"
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise RecipeError("model.vllm_args: --override-generation-config needs a JSON object") from None
+            if not isinstance(parsed, dict):
+                raise RecipeError("model.vllm_args: --override-generation-config needs a JSON object")
+            config.update(parsed)
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, config
 
 
 def vm_gateway_tls(recipe: Recipe) -> bool:
@@ -80,9 +123,10 @@ def vm_gateway_layout(recipe: Recipe) -> GatewayLayout:
     return GatewayLayout(
         listen_host=listen_host_for(recipe.network.mode),
         port=recipe.network.port,
-        engine_host="127.0.0.1",
-        engine_port=recipe.engine.port,
+        engine_socket=VM_ENGINE_SOCKET,
         keys_file=f"{VM_GATEWAY_DIR}/api_keys.map",
+        js_file=f"{VM_GATEWAY_DIR}/gateway.js",
+        user=f"{GATEWAY_USER} {GATEWAY_USER}",
         pid_file="/tmp/nginx.pid",
         error_log="/dev/stderr",
         access_log="/dev/stdout",
@@ -153,6 +197,7 @@ def render_setup(recipe: Recipe) -> str:
         recipe=recipe,
         state_dir=VM_STATE_DIR,
         gateway_config=render_gateway_config(recipe, vm_gateway_layout(recipe), tls=vm_gateway_tls(recipe)),
+        gateway_js=template_text("gateway.js"),
         vllm_image=recipe.engine.image,
         gateway_image=GATEWAY_IMAGE,
         tls=vm_gateway_tls(recipe),
@@ -162,8 +207,8 @@ def render_setup(recipe: Recipe) -> str:
 
 
 def render_run(recipe: Recipe) -> str:
-    args = engine_args(recipe, model=_model_source(recipe), host="0.0.0.0", port=ENGINE_CONTAINER_PORT,
-                       model_positional=True, tensor_parallel=False)
+    args = engine_args(recipe, model=_model_source(recipe), socket=VM_ENGINE_SOCKET, model_positional=True,
+                       tensor_parallel=False)
     return render_template(
         "run.sh.j2",
         recipe=recipe,
@@ -171,15 +216,18 @@ def render_run(recipe: Recipe) -> str:
         gateway_dir=VM_GATEWAY_DIR,
         vllm_image=recipe.engine.image,
         gateway_image=GATEWAY_IMAGE,
-        engine_port=recipe.engine.port,
-        engine_container_port=ENGINE_CONTAINER_PORT,
+        engine_dir=VM_ENGINE_DIR,
+        engine_socket=VM_ENGINE_SOCKET,
+        gateway_gid=GATEWAY_GID,
+        nofile=2 * recipe.limits.max_connections + 64,
+        log_opts=f"--log-opt max-size={LOG_MAX_SIZE} --log-opt max-file={LOG_FILES}",
         engine_args=" ".join(shlex.quote(a) for a in args),
         engine_env=sorted(recipe.engine.env),
         tensor_parallel=recipe.resources.tensor_parallel or "",
         hf_token=recipe.model.hf_token,
         builtin_model=recipe.builtin_model,
         vpc=recipe.network.mode == "vpc",
-        api_keys_secret=API_KEYS_SECRET,
+        key_hashes_secret=KEY_HASHES_SECRET,
     )
 
 
@@ -261,7 +309,7 @@ def render_task(recipe: Recipe) -> dict[str, Any]:
     task: dict[str, Any] = {"name": recipe.name, "resources": _resources(recipe)}
     if recipe.engine.env:
         task["envs"] = dict(sorted(recipe.engine.env.items()))
-    secrets: dict[str, None] = {API_KEYS_SECRET: None}
+    secrets: dict[str, None] = {KEY_HASHES_SECRET: None}
     if recipe.replicas is not None:
         secrets[PROBE_KEY_SECRET] = None
     if recipe.model.hf_token:

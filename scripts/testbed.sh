@@ -40,9 +40,9 @@ GPU=A10G
 # The images the rendered tasks pull (mistral_deploy.recipe.DEFAULT_VLLM_IMAGE, render.GATEWAY_IMAGE).
 VLLM_IMAGE="${MISTRAL_DEPLOY_TESTBED_VLLM_IMAGE:-vllm/vllm-openai:v0.32.0}"
 NGINX_IMAGE="${MISTRAL_DEPLOY_TESTBED_NGINX_IMAGE:-nginx:1.28.0-alpine}"
-IMAGES_VERSION=6  # bump when the stand-ins change: `install` rebuilds them
+IMAGES_VERSION=7  # bump when the stand-ins change: `install` rebuilds them
 PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge openssh-server openssh-client rsync patchelf
-          docker.io docker-registry busybox-static iproute2 nginx openssl curl sudo)
+          docker.io docker-registry busybox-static iproute2 nginx libnginx-mod-http-js openssl curl sudo)
 
 say() { echo "testbed: $*" >&2; }
 die() { echo "testbed: $*" >&2; exit 1; }
@@ -284,7 +284,9 @@ build_nginx_rootfs() {
   cp /usr/sbin/nginx "$rootfs/usr/sbin/nginx"
   mkdir -p "$rootfs/usr/lib/nginx/modules" "$rootfs/etc/nginx/conf.d" "$rootfs/var/cache/nginx" \
     "$rootfs/var/log/nginx" "$rootfs/usr/share/nginx/html" "$rootfs/docker-entrypoint.d" "$rootfs/var/lib/nginx"
-  copy_libraries "$rootfs" "$rootfs/usr/sbin/nginx"
+  # the official image ships the njs module (nginx-module-njs) in the same folder
+  cp /usr/lib/nginx/modules/ngx_http_js_module.so "$rootfs/usr/lib/nginx/modules/"
+  copy_libraries "$rootfs" "$rootfs/usr/sbin/nginx" "$rootfs/usr/lib/nginx/modules/ngx_http_js_module.so"
   cp /etc/nginx/mime.types "$rootfs/etc/nginx/mime.types"
   ln -sf /dev/stdout "$rootfs/var/log/nginx/access.log"
   ln -sf /dev/stderr "$rootfs/var/log/nginx/error.log"

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from mistral_deploy import skysdk
-from mistral_deploy.render import API_KEYS_SECRET, PROBE_KEY_SECRET
+from mistral_deploy.gateway import key_hash
+from mistral_deploy.render import KEY_HASHES_SECRET, PROBE_KEY_SECRET
 from mistral_deploy.skysdk import ClusterInfo, LaunchResult, ReplicaInfo, ServiceInfo, Tunnel
 
 
@@ -71,7 +72,7 @@ class VmEndpoint:
     def __init__(self, *, served_model: str, host: str = "127.0.0.1") -> None:
         self.served_model = served_model
         self.host = host
-        self.keys: set[str] = set()
+        self.keys: set[str] = set()  # the SHA-256 of each key, as the gateway holds them
         self.ready = True
         self.requests: list[tuple[str, str, Optional[str]]] = []  # (method, path, authorization)
         self.cert_file: Optional[Path] = None
@@ -108,7 +109,12 @@ class VmEndpoint:
             def _authorized(self) -> bool:
                 auth = self.headers.get("Authorization")
                 endpoint.requests.append((self.command, self.path, auth))
-                return auth is not None and auth.startswith("Bearer ") and auth[7:] in endpoint.keys
+                if auth is None or not auth.startswith("Bearer "):
+                    return False
+                try:
+                    return key_hash(auth[7:]) in endpoint.keys
+                except ValueError:
+                    return False
 
             def do_GET(self) -> None:  # noqa: N802
                 if self.path == "/health":
@@ -279,8 +285,8 @@ class FakeSky:
         self.calls.append(Call(method, args))
 
     def _configure_keys(self, secrets: dict[str, str]) -> None:
-        # the VM's run script turns the API key secret into the gateway's key map
-        self.vm.keys = set(secrets[API_KEYS_SECRET].split())
+        # the VM's run script turns the key hashes secret into the gateway's key map
+        self.vm.keys = {entry.split(":", 1)[1] for entry in secrets[KEY_HASHES_SECRET].split()}
 
     # clusters
     def launch(self, task_config: dict[str, Any], *, cluster_name: str, secrets: dict[str, str],

@@ -92,8 +92,8 @@ class Deployed:
         return int(self.record["details"]["port"])
 
     @property
-    def engine_port(self) -> int:
-        return int(self.record["details"]["engine_port"])
+    def engine_socket(self) -> str:
+        return str(self.record["details"]["engine_socket"])
 
     @property
     def pids(self) -> list[int]:
@@ -112,8 +112,8 @@ def read_deployed(name: str, home: Path, env: dict[str, str]) -> Deployed:
     return Deployed(name=name, home=home, env=env, endpoint=record["endpoint"], key=key, record=record)
 
 
-def up(name: str, home: Path, env: dict[str, str], *args: str) -> Deployed:
-    result = cli("up", "tiny-mistral", "--cloud", "local", "--name", name, "--json", *args, env=env)
+def up(name: str, home: Path, env: dict[str, str], *args: str, recipe: str = "tiny-mistral") -> Deployed:
+    result = cli("up", recipe, "--cloud", "local", "--name", name, "--json", *args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["phase"] == "ready" and summary["name"] == name
@@ -123,8 +123,9 @@ def up(name: str, home: Path, env: dict[str, str], *args: str) -> Deployed:
 def down_and_assert_gone(deployed: Deployed) -> None:
     result = cli("down", deployed.name, env=deployed.env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert_gone(deployed.pids, [deployed.port, deployed.engine_port])
+    assert_gone(deployed.pids, [deployed.port])
     assert not deployed.dir.exists()
+    assert not Path(deployed.engine_socket).parent.exists()  # the socket's private folder is removed
 
 
 def with_group_members(pids: list[int]) -> list[int]:
@@ -139,6 +140,44 @@ def with_group_members(pids: list[int]) -> list[int]:
             if int(fields[2]) in pids and fields[0] not in ("Z", "X") and int(entry.name) not in found:
                 found.append(int(entry.name))
     return found
+
+
+def _socket_inodes(pids: list[int]) -> set[str]:
+    inodes = set()
+    for pid in with_group_members(pids):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def unix_listeners(pids: list[int]) -> list[str]:
+    """The paths of the Unix sockets on which these processes or their group members listen."""
+    inodes = _socket_inodes(pids)
+    paths = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Flags 00010000: accepting connections (listening); Inode; Path
+        if len(fields) >= 8 and fields[3] == "00010000" and fields[6] in inodes:
+            paths.append(fields[7])
+    return paths
+
+
+def tcp_listeners(pids: list[int]) -> list[str]:
+    """The TCP sockets (host:port, hex as /proc shows them) on which these processes or their group
+    members listen."""
+    inodes = _socket_inodes(pids)
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                listening.append(fields[1])
+    return listening
 
 
 def assert_gone(pids: list[int], ports: list[int], timeout: float = 10.0) -> None:

@@ -22,7 +22,8 @@ from mistral_deploy import skysdk
 from mistral_deploy.cloud import CloudBackend, ServeBackend, backend_for_kind
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
 from mistral_deploy.recipe import Overrides, Recipe, load_recipe, validate_recipe_data
-from mistral_deploy.render import API_KEYS_SECRET, HF_TOKEN_SECRET, PROBE_KEY_SECRET
+from mistral_deploy.gateway import key_hash
+from mistral_deploy.render import HF_TOKEN_SECRET, KEY_HASHES_SECRET, PROBE_KEY_SECRET
 from mistral_deploy.state import StateStore
 
 # the readiness probe is mistral_deploy.probe (written beside the local backend)
@@ -120,9 +121,11 @@ def test_up_public_launches_with_secrets_pins_the_vm_certificate_and_probes(fake
     keys = store.read_api_keys(recipe.name)
     assert len(keys) == 1
     # the API keys and the HF token go as SkyPilot secrets; the rendered task keeps them null
-    assert launch.args["secrets"] == {API_KEYS_SECRET: keys[0], HF_TOKEN_SECRET: HF}
-    assert launch.args["task_config"]["secrets"] == {API_KEYS_SECRET: None, HF_TOKEN_SECRET: None}
-    assert "envs" not in launch.args["task_config"] or API_KEYS_SECRET not in launch.args["task_config"]["envs"]
+    # the VM receives the key's hash, never the key
+    assert launch.args["secrets"] == {KEY_HASHES_SECRET: f"key-1:{key_hash(keys[0])}", HF_TOKEN_SECRET: HF}
+    assert keys[0] not in str(launch.args)
+    assert launch.args["task_config"]["secrets"] == {KEY_HASHES_SECRET: None, HF_TOKEN_SECRET: None}
+    assert "envs" not in launch.args["task_config"] or KEY_HASHES_SECRET not in launch.args["task_config"]["envs"]
     assert launch.args["cluster_name"] == "md-mistral-7b-instruct"
     assert launch.args["global_config"] == {}
     # the certificate was read from the VM over SSH, the gateway port looked up through sky.endpoints
@@ -369,8 +372,9 @@ def test_serve_up_status_down(fake, vm, store):
     keys = store.read_api_keys(recipe.name)
     probe_key = probe_key_of(up)
     assert probe_key not in keys  # SkyServe's probe has a key of its own
-    assert up.args["secrets"][API_KEYS_SECRET].split() == keys + [probe_key]
-    assert up.args["task_config"]["secrets"] == {API_KEYS_SECRET: None, PROBE_KEY_SECRET: None, HF_TOKEN_SECRET: None}
+    assert up.args["secrets"][KEY_HASHES_SECRET].split() == (
+        [f"key-{n}:{key_hash(k)}" for n, k in enumerate(keys, 1)] + [f"probe:{key_hash(probe_key)}"])
+    assert up.args["task_config"]["secrets"] == {KEY_HASHES_SECRET: None, PROBE_KEY_SECRET: None, HF_TOKEN_SECRET: None}
     task = fake.tasks["md-mistral-7b-instruct"]
     assert task.service.readiness_headers == {"Authorization": f"Bearer {probe_key}"}
     assert (task.service.min_replicas, task.service.max_replicas) == (2, 4)

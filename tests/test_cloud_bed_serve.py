@@ -28,7 +28,8 @@ from mistral_deploy import probe
 from mistral_deploy.gateway import UPSTREAM_TIMEOUT_SECONDS
 from mistral_deploy.keys import generate_tls
 from mistral_deploy.recipe import validate_recipe_data
-from mistral_deploy.render import API_KEYS_SECRET, PROBE_KEY_SECRET, render_task
+from mistral_deploy.gateway import hashes_for, hashes_secret, key_hash
+from mistral_deploy.render import KEY_HASHES_SECRET, PROBE_KEY_SECRET, render_task
 from mistral_deploy.skysdk import SkySdk, free_port, port_open
 from testbed import BashVm, Bed, ReplicaHost, replica_hosts, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
@@ -82,7 +83,8 @@ def service(testbed: Bed, replica_hosts: list[ReplicaHost], tmp_path: Path) -> I
     data = tiny_recipe_data("aws", "public", replicas=2)
     recipe = validate_recipe_data(data, "test").recipe
     config = render_task(recipe)
-    secrets = {API_KEYS_SECRET: " ".join(KEYS + [PROBE_KEY]), PROBE_KEY_SECRET: PROBE_KEY}
+    secrets = {KEY_HASHES_SECRET: hashes_secret({**hashes_for(KEYS), "probe": key_hash(PROBE_KEY)}),
+               PROBE_KEY_SECRET: PROBE_KEY}
     task = SkySdk().make_task(config, secrets)  # the spec SkyPilot builds, probe key filled in
     vms = [BashVm(testbed, secrets, name=f"replica-{host.name}", docker_host=host.docker_host)
            for host in replica_hosts]

@@ -22,7 +22,8 @@ from local_support import Host, make_hosts, port_free
 from mistral_deploy import probe
 from mistral_deploy.errors import NotReadyError
 from mistral_deploy.recipe import validate_recipe_data
-from mistral_deploy.render import API_KEYS_SECRET, render_task
+from mistral_deploy.gateway import hashes_for, hashes_secret, key_hash
+from mistral_deploy.render import KEY_HASHES_SECRET, render_task
 from testbed import BashVm, Bed, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.testbed
@@ -40,7 +41,7 @@ def tiny_recipe(mode: str, **network: Any) -> Any:
 
 @pytest.fixture
 def vm(testbed: Bed, request: pytest.FixtureRequest) -> Iterator[BashVm]:
-    machine = BashVm(testbed, {API_KEYS_SECRET: " ".join(KEYS)}, name=request.node.name[:20].lower())
+    machine = BashVm(testbed, {KEY_HASHES_SECRET: hashes_secret(hashes_for(KEYS))}, name=request.node.name[:20].lower())
     try:
         yield machine
     finally:
@@ -162,7 +163,7 @@ def test_vpc_vm_binds_the_private_address_and_admits_the_private_ranges(vm: Bash
 def test_run_refuses_to_start_without_the_keys(vm: BashVm, testbed: Bed) -> None:
     task = render_task(tiny_recipe("private"))
     vm.setup(task["setup"])
-    del vm.env[API_KEYS_SECRET]
+    del vm.env[KEY_HASHES_SECRET]
     vm.start(task["run"])
     assert vm.run_process is not None and vm.run_process.wait(timeout=60) != 0
     time.sleep(0.5)

@@ -17,7 +17,7 @@ import pytest
 
 from mistral_deploy.errors import CloudError
 from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
-from mistral_deploy.render import API_KEYS_SECRET, HF_TOKEN_SECRET, PROBE_KEY_SECRET, cloud_config, render_task
+from mistral_deploy.render import KEY_HASHES_SECRET, HF_TOKEN_SECRET, PROBE_KEY_SECRET, cloud_config, render_task
 from mistral_deploy.skysdk import ClusterInfo, SkySdk, describe_sky_error
 
 KEY = "md-THIS-IS-THE-SECRET-API-KEY-0123456789abcdef"
@@ -71,7 +71,7 @@ def _capture_everything(fn):
 def test_launched_task_carries_secrets_as_inline_secrets_never_in_what_is_shown(sky_mod):
     recipe = _recipe(cloud="aws", gpu="A10G", ttl="4h")
     config = render_task(recipe)
-    secrets = {API_KEYS_SECRET: f"{KEY} {KEY2}", HF_TOKEN_SECRET: HF}
+    secrets = {KEY_HASHES_SECRET: f"{KEY} {KEY2}", HF_TOKEN_SECRET: HF}
 
     task, shown = _capture_everything(lambda: SkySdk().make_task(config, secrets))
 
@@ -79,10 +79,10 @@ def test_launched_task_carries_secrets_as_inline_secrets_never_in_what_is_shown(
     plain = {k: v.get_secret_value() for k, v in task.secrets.items()}
     assert plain == secrets
     assert task.managed_secret_refs == []  # filled inline, not left for a secrets provider
-    assert "MISTRAL_DEPLOY_API_KEYS" not in task.envs and "HF_TOKEN" not in task.envs
+    assert KEY_HASHES_SECRET not in task.envs and "HF_TOKEN" not in task.envs
     # what SkyPilot records and shows (`sky status` / the dashboard's task YAML) keeps them null
     recorded = task.to_yaml_config(use_user_specified_yaml=True)
-    assert recorded["secrets"] == {API_KEYS_SECRET: None, HF_TOKEN_SECRET: None}
+    assert recorded["secrets"] == {KEY_HASHES_SECRET: None, HF_TOKEN_SECRET: None}
     for text in (shown, repr(task), str(task), str(recorded), str(config), repr(task.resources)):
         for secret in (KEY, KEY2, HF):
             assert secret not in text
@@ -93,7 +93,7 @@ def test_launched_task_carries_secrets_as_inline_secrets_never_in_what_is_shown(
 def test_ttl_becomes_autodown_that_waits_for_nothing(sky_mod):
     for flags in ({"gpu": "A10G"}, {"gpu": "A10G", "spot": True}):
         task = SkySdk().make_task(render_task(_recipe(cloud="aws", ttl="4h", **flags)),
-                                  {API_KEYS_SECRET: KEY, HF_TOKEN_SECRET: HF})
+                                  {KEY_HASHES_SECRET: KEY, HF_TOKEN_SECRET: HF})
         configs = [r.autostop_config for r in task.resources]
         assert configs and all(c is not None for c in configs)
         for c in configs:
@@ -103,7 +103,7 @@ def test_ttl_becomes_autodown_that_waits_for_nothing(sky_mod):
 def test_spot_with_fallback_orders_spot_before_on_demand(sky_mod):
     task = SkySdk().make_task(render_task(_recipe(cloud="gcp", gpu="A100:2", spot=True, model=None,
                                                   name="mix", ttl=None)),
-                              {API_KEYS_SECRET: KEY, HF_TOKEN_SECRET: HF})
+                              {KEY_HASHES_SECRET: KEY, HF_TOKEN_SECRET: HF})
     spots = [r.use_spot for r in task.resources]
     assert spots == [True, False]
     assert {str(r.cloud).lower() for r in task.resources} == {"gcp"}
@@ -114,7 +114,7 @@ def test_public_and_vpc_tasks_open_only_the_gateway_port_private_none(sky_mod):
     # inside the VPC alone; private: nothing, the gateway is reached over SSH
     for mode, expected in (("public", {"8443"}), ("private", set()), ("vpc", {"8443"})):
         task = SkySdk().make_task(render_task(_recipe(cloud="gcp", gpu="L4", network=mode)),
-                                  {API_KEYS_SECRET: KEY, HF_TOKEN_SECRET: HF})
+                                  {KEY_HASHES_SECRET: KEY, HF_TOKEN_SECRET: HF})
         ports = set()
         for r in task.resources:
             ports |= {str(p) for p in (r.ports or [])}
@@ -126,7 +126,7 @@ def test_service_probe_sends_the_probe_key_and_the_spec_never_shows_it(sky_mod):
            "resources": {"cloud": "aws", "gpu": "A10G"}, "replicas": {"min": 1, "max": 3, "target_qps": 2}}
     recipe = validate_recipe_data(raw, "test").recipe
     config = render_task(recipe)
-    secrets = {API_KEYS_SECRET: f"{KEY} {PROBE}", PROBE_KEY_SECRET: PROBE}
+    secrets = {KEY_HASHES_SECRET: f"{KEY} {PROBE}", PROBE_KEY_SECRET: PROBE}
     task, shown = _capture_everything(lambda: SkySdk().make_task(config, secrets))
     service = task.service
     assert service.readiness_headers == {"Authorization": f"Bearer {PROBE}"}
@@ -138,7 +138,7 @@ def test_service_probe_sends_the_probe_key_and_the_spec_never_shows_it(sky_mod):
 
 def test_missing_secret_value_is_refused_before_skypilot(sky_mod):
     with pytest.raises(CloudError, match="HF_TOKEN"):
-        SkySdk().make_task(render_task(_recipe(cloud="aws", gpu="A10G")), {API_KEYS_SECRET: KEY})
+        SkySdk().make_task(render_task(_recipe(cloud="aws", gpu="A10G")), {KEY_HASHES_SECRET: KEY})
 
 
 def test_vpc_global_config_travels_with_the_request(sky_mod, monkeypatch):

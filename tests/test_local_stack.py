@@ -6,6 +6,7 @@ endpoint make their own. Every deployment is taken down by its test, and its PID
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 
 from local_support import (
     CLI, Deployed, assert_gone, cli, cli_env, down_and_assert_gone, free_port, make_hosts, pid_alive, read_deployed,
-    up,
+    tcp_listeners, unix_listeners, up,
 )
 
 pytestmark = pytest.mark.engine
@@ -142,11 +143,24 @@ TRICKS = ["//metrics", "/v1/../metrics", "/v1/%2e%2e/metrics", "/v1/%2E%2E/metri
 
 
 def test_the_engine_itself_leaves_these_routes_open(endpoint):
-    """The premise of the allowlist: vLLM answers /metrics and /tokenize to anyone on its port."""
-    with httpx.Client(timeout=10, trust_env=False) as http:
-        engine = f"http://127.0.0.1:{endpoint.engine_port}"
-        assert http.get(engine + "/metrics").status_code == 200
-        assert http.post(engine + "/tokenize", json={"model": MODEL, "prompt": "hi"}).status_code == 200
+    """The premise of the allowlist: vLLM answers /metrics and /tokenize to whoever reaches its socket."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=endpoint.engine_socket), timeout=10) as http:
+        assert http.get("http://engine/metrics").status_code == 200
+        assert http.post("http://engine/tokenize", json={"model": MODEL, "prompt": "hi"}).status_code == 200
+
+
+def test_the_engine_serves_http_only_on_a_socket_only_this_user_reaches(endpoint):
+    """No HTTP port to race for or to reach: the engine's API server listens on a Unix socket in a folder
+    only the user (the gateway's) may open. (vLLM's own internal sockets, torch's store among them, are
+    not its HTTP server.)"""
+    engine_pid = endpoint.record["details"]["engine"]["pid"]
+    argv = Path(f"/proc/{engine_pid}/cmdline").read_bytes().decode().split("\0")
+    assert "--port" not in argv and "--host" not in argv and argv[argv.index("--uds") + 1] == endpoint.engine_socket
+    assert endpoint.engine_socket in unix_listeners([engine_pid])
+    socket_dir = Path(endpoint.engine_socket).parent
+    assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700 and os.stat(socket_dir).st_uid == os.geteuid()
+    for listener in tcp_listeners([engine_pid]):
+        assert listener.startswith("0100007F:"), "only loopback, for vLLM's internal sockets"
 
 
 @pytest.mark.parametrize("path", OPEN_ENGINE_ROUTES + TRICKS)
@@ -171,6 +185,48 @@ def test_request_bodies_are_limited(endpoint):
     assert status == 413
 
 
+def _engine_metric(deployed: Deployed, name: str) -> float:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=deployed.engine_socket), timeout=10) as http:
+        text = http.get("http://engine/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"prompt": "hi", "max_tokens": 2, "n": 5000}, "n: at most 4 completions"),
+    ({"prompt": "hi", "max_tokens": 2, "best_of": 50}, "best_of: at most 4"),
+    ({"prompt": "hi", "max_tokens": 100000}, "max_tokens: at most 4096 output tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"prompt": ["hi"] * 17, "max_tokens": 2}, "at most 16 prompts per request on this endpoint, got 17"),
+    ({"prompt": [[1, 2]] * 40, "max_tokens": 2}, "got 40"),
+])
+def test_requests_over_the_caps_are_refused_before_the_engine_sees_them(endpoint, body, says):
+    """limits.max_n, max_tokens and max_batch (their defaults): 400 from the gateway, no engine work."""
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    before = _engine_metric(endpoint, "vllm:prompt_tokens_total")
+    status, data = _raw(endpoint, "POST", route, {**_auth(endpoint.key), "Content-Type": "application/json"},
+                        json.dumps({"model": MODEL, **body}).encode())
+    assert status == 400 and says in json.loads(data)["error"]["message"], data
+    ok, _ = _raw(endpoint, "POST", "/v1/completions", {**_auth(endpoint.key), "Content-Type": "application/json"},
+                 json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 4}).encode())
+    assert ok == 200
+    # only the allowed request reached the engine: its prompt, n times over at most
+    assert 0 < _engine_metric(endpoint, "vllm:prompt_tokens_total") - before <= 4 * 8
+
+
+def test_a_body_that_is_not_a_json_object_is_refused_by_the_gateway(endpoint):
+    for body in (b"not json", b"[1, 2]", b""):
+        status, data = _raw(endpoint, "POST", "/v1/completions",
+                            {**_auth(endpoint.key), "Content-Type": "application/json"}, body)
+        assert status == 400 and b"invalid_request_error" in data
+
+
+def test_health_passes_no_query_to_the_engine(endpoint):
+    assert _raw(endpoint, "GET", "/health?probe-query-test=1")[0] == 200
+    time.sleep(0.5)
+    assert "probe-query-test" not in (endpoint.dir / "engine.log").read_text()
+    assert "/health" in (endpoint.dir / "engine.log").read_text()[-20000:]
+
+
 # --------------------------------------------------------------------------------------------------
 # secrets stay out of logs, records, arguments and readable files
 
@@ -179,6 +235,8 @@ def test_keys_never_leave_their_0600_files(endpoint):
     key = endpoint.key
     for secret_file in (endpoint.dir / "api_keys", endpoint.dir / "gateway" / "api_keys.map"):
         assert stat.S_IMODE(os.stat(secret_file).st_mode) == 0o600
+    # the gateway holds the key's SHA-256 only
+    assert hashlib.sha256(key.encode()).hexdigest() in (endpoint.dir / "gateway" / "api_keys.map").read_text()
     assert stat.S_IMODE(os.stat(endpoint.dir).st_mode) == 0o700
     _raw(endpoint, "GET", "/v1/models?probe=keys-test", _auth(key))
     _raw(endpoint, "GET", "/v1/models", {"Authorization": "Bearer md-wrong-key-00000000000000000000"})
@@ -189,7 +247,7 @@ def test_keys_never_leave_their_0600_files(endpoint):
     assert '"GET /v1/models" 401' in access_log.read_text()  # the requests were logged, without the key
     assert "probe=keys-test" not in access_log.read_text()  # nor the query string
     for path in endpoint.dir.rglob("*"):
-        if path.is_file() and path.name not in ("api_keys", "api_keys.map"):
+        if path.is_file() and path.name != "api_keys":
             assert key not in path.read_text(errors="replace"), path
             assert "md-wrong-key" not in path.read_text(errors="replace"), path
     for pid in endpoint.pids:
@@ -301,8 +359,8 @@ def test_public_endpoint_from_other_hosts_tls_cidrs_then_engine_crash(tmp_path, 
             assert code == 60
             denied_url = f"https://{denied.gateway_address}:{public.port}/v1/models"
             assert denied.curl(denied_url, "--cacert", public.ca, *auth) == (0, "403")
-            # the engine's port is loopback-only
-            assert allowed.curl(f"http://{allowed.gateway_address}:{public.engine_port}/metrics")[0] == 7
+            # the engine's HTTP server is on its socket: from another host only the gateway answers
+            assert public.engine_socket in unix_listeners([public.record["details"]["engine"]["pid"]])
 
             # a crashed engine: the gateway answers an error at once instead of hanging
             engine_pid = public.record["details"]["engine"]["pid"]

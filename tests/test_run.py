@@ -39,7 +39,8 @@ def _seen(path: Path) -> dict:
 
 def _gone(seen: dict) -> None:
     details = seen["record"]["details"]
-    assert_gone([details["engine"]["pid"], details["gateway"]["pid"]], [details["port"], details["engine_port"]])
+    assert_gone([details["engine"]["pid"], details["gateway"]["pid"]], [details["port"]])
+    assert not Path(details["engine_socket"]).exists()
 
 
 def test_run_ten_cycles_passes_the_endpoint_returns_the_exit_code_and_tears_down(tmp_path, models_dir):
@@ -120,7 +121,8 @@ def test_run_interrupted_while_coming_up_leaves_nothing(tmp_path, models_dir):
             cli("down", "--all", env=env, timeout=120)
     assert proc.returncode == 130, err[-2000:]
     details = record["details"]
-    assert_gone([details["engine"]["pid"], details["gateway"]["pid"]], [details["port"], details["engine_port"]])
+    assert_gone([details["engine"]["pid"], details["gateway"]["pid"]], [details["port"]])
+    assert not Path(details["engine_socket"]).exists()
     assert list(deployments.iterdir()) == []
 
 

@@ -68,7 +68,8 @@ class TlsFiles:
 def generate_tls(directory: Path, hosts: list[str], *, common_name: str = "mistral-deploy") -> TlsFiles:
     """A throw-away CA and a server certificate for `hosts` (IPs or names) signed by it.
 
-    The CA's private key is never written: nothing else will ever be signed with it.
+    The CA's private key is never written: nothing else will ever be signed with it. Its name constraints
+    permit `hosts` alone besides, so that even a leaked CA key could not vouch for another name.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -76,6 +77,17 @@ def generate_tls(directory: Path, hosts: list[str], *, common_name: str = "mistr
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = dt.datetime.now(dt.timezone.utc)
+    names: list[x509.GeneralName] = []
+    permitted: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            names.append(x509.DNSName(host))
+            permitted.append(x509.DNSName(host))
+        else:
+            names.append(x509.IPAddress(address))
+            permitted.append(x509.IPAddress(ipaddress.ip_network(f"{address}/{address.max_prefixlen}")))
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} CA")])
     ca_cert = (
@@ -87,18 +99,13 @@ def generate_tls(directory: Path, hosts: list[str], *, common_name: str = "mistr
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=825))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))

@@ -9,8 +9,10 @@ but the GPU (a Slurm gres with no device behind it) and, in one test, the Huggin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import stat
 import signal
 import socket
 import subprocess
@@ -46,8 +48,9 @@ def write_recipe(path: Path, name: str, **changes: Any) -> Path:
 _SKYPILOT_RUNTIME = re.compile(r"\bsrun\b|sky_job_|skypilot-runtime|sky\.skylet")
 
 
-def secret_in_process_arguments(secret: str) -> list[str]:
-    """Processes on this machine, other than SkyPilot's node runtime, whose arguments hold the secret."""
+def secret_in_process_arguments(secret: str, *, anywhere: bool = False) -> list[str]:
+    """Processes on this machine, other than SkyPilot's node runtime (unless `anywhere`), whose arguments
+    hold the secret."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -55,8 +58,36 @@ def secret_in_process_arguments(secret: str) -> list[str]:
                 argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if secret in argv and not _SKYPILOT_RUNTIME.search(argv):
+            if secret in argv and (anywhere or not _SKYPILOT_RUNTIME.search(argv)):
                 found.append(f"{entry.name}: {argv[:160]}")
+    return found
+
+
+def secret_in_process_environments(secret: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if secret.encode() in (entry / "environ").read_bytes():
+                    found.append(entry.name)
+            except OSError:
+                continue
+    return found
+
+
+def files_holding(secret: str, roots: list[Path]) -> list[Path]:
+    """Regular files under `roots` (up to 64 MB each) whose bytes hold the secret, and that are not 0600."""
+    needle, found = secret.encode(), []
+    for root in roots:
+        for path in root.rglob("*"):
+            try:
+                info = path.lstat()
+                if not stat.S_ISREG(info.st_mode) or info.st_size > 64 << 20 or stat.S_IMODE(info.st_mode) == 0o600:
+                    continue
+                if needle in path.read_bytes():
+                    found.append(path)
+            except OSError:
+                continue
     return found
 
 
@@ -92,9 +123,7 @@ def test_private_endpoint_lifecycle_on_slurm(testbed: Bed, bed_client: BedClient
     assert f"md-{name}" in bed_client.clusters()
     assert len(testbed.slurm_jobs()) == 1
     assert sorted(testbed.containers()) == ["md-engine", "md-gateway"]
-    published = testbed.docker("port", "md-engine").split()
-    engine_port = yaml.safe_load(recipe.read_text())["engine"]["port"]
-    assert published[-1] == f"127.0.0.1:{engine_port}"
+    assert testbed.docker("port", "md-engine").strip() == ""  # the engine serves on its Unix socket only
     assert not port_free(port, "127.0.0.1")  # the gateway, on the node's loopback only (private mode)
 
     status = json.loads(bed_client.cli("status", name, "--json").stdout)
@@ -141,6 +170,18 @@ def test_private_endpoint_lifecycle_on_slurm(testbed: Bed, bed_client: BedClient
     for text in (logs.stdout, logs.stderr, up.stdout, up.stderr):
         assert key not in text
     assert secret_in_process_arguments(key) == []
+    # Only the key's hash left this machine: the key is in no file but the client's 0600 one (not on the
+    # node, not in SkyPilot's records, its API server's request database and logs included), in no
+    # process's arguments or environment (SkyPilot's node runtime included), in no container's config.
+    roots = [testbed.dir / "home", Path("/tmp"), Path(bed_client.env["HOME"]), Path(bed_client.env["SKY_RUNTIME_DIR"]),
+             Path(bed_client.env["MISTRAL_DEPLOY_HOME"])]
+    assert files_holding(key, roots) == []
+    assert secret_in_process_arguments(key, anywhere=True) == []
+    assert secret_in_process_environments(key) == []
+    assert key not in testbed.docker("inspect", "md-engine", "md-gateway")
+    key_map = testbed.dir / "home" / ".mistral-deploy" / "gateway" / "api_keys.map"
+    assert key_map.read_text() == f'"{hashlib.sha256(key.encode()).hexdigest()}" key-1;\n'
+    assert stat.S_IMODE(key_map.stat().st_mode) == 0o600
 
     # the TTL: SkyPilot tears the cluster down by itself, the run script's trap removes the containers
     wait_until("the TTL's autodown", lambda: f"md-{name}" not in bed_client.clusters(), timeout=420, every=10)

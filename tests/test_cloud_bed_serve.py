@@ -25,10 +25,9 @@ import pytest
 
 from local_support import assert_gone
 from mistral_deploy import probe
-from mistral_deploy.gateway import UPSTREAM_TIMEOUT_SECONDS
+from mistral_deploy.gateway import UPSTREAM_TIMEOUT_SECONDS, hashes_for, hashes_secret, key_hash
 from mistral_deploy.keys import generate_tls
 from mistral_deploy.recipe import validate_recipe_data
-from mistral_deploy.gateway import hashes_for, hashes_secret, key_hash
 from mistral_deploy.render import KEY_HASHES_SECRET, PROBE_KEY_SECRET, render_task
 from mistral_deploy.skysdk import SkySdk, free_port, port_open
 from testbed import BashVm, Bed, ReplicaHost, replica_hosts, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
@@ -132,6 +131,12 @@ def test_skyserve_load_balancer_in_front_of_two_real_replicas(service: dict[str,
         _, ready, _ = replica.probe(spec.readiness_path, spec.post_data, spec.readiness_timeout_seconds,
                                     {"Authorization": "Bearer md-not-a-key-0123456789abcdefgh"})
         assert not ready, "a probe without the probe key must fail (the gateway checks every request)"
+    # the probe key, which SkyServe keeps in clear in the service's spec, may ask for one token only
+    probe_auth = {"Authorization": f"Bearer {PROBE_KEY}"}
+    asked = {"model": recipe.served_model_name, "prompt": "hi"}
+    for body, status in (({**asked, "max_tokens": 1}, 200), ({**asked, "max_tokens": 50}, 400), (asked, 400),
+                         ({**asked, "max_tokens": 1, "n": 2}, 400)):
+        assert httpx.post(urls[0] + "/v1/completions", json=body, headers=probe_auth).status_code == status, body
 
     # SkyServe's load balancer, TLS with a certificate for its address, in front of both replicas
     tls = generate_tls(tmp_path / "lb-tls", ["127.0.0.1"], common_name="svc")

@@ -21,8 +21,8 @@ import pytest
 from local_support import Host, make_hosts, port_free
 from mistral_deploy import probe
 from mistral_deploy.errors import NotReadyError
+from mistral_deploy.gateway import hashes_for, hashes_secret
 from mistral_deploy.recipe import validate_recipe_data
-from mistral_deploy.gateway import hashes_for, hashes_secret, key_hash
 from mistral_deploy.render import KEY_HASHES_SECRET, render_task
 from testbed import BashVm, Bed, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
@@ -69,6 +69,17 @@ def probe_from(host: Host, endpoint: str, ca_file: str, timeout: float = 20) -> 
             "except Exception as exc:\n"
             "    print(exc)\n")
     return host.run(sys.executable, "-c", code, timeout=timeout + 30).stdout.strip()
+
+
+def _sign_for(name: str, issuer_cert: Path, issuer_key: Path, folder: Path) -> Path:
+    """A certificate for `name` signed with the VM's key, as whoever holds that key could make one."""
+    run = [["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-subj", f"/CN={name}", "-keyout", str(folder / "forged.key"), "-out", str(folder / "forged.csr")],
+           ["openssl", "x509", "-req", "-in", str(folder / "forged.csr"), "-CA", str(issuer_cert), "-CAkey",
+            str(issuer_key), "-CAcreateserial", "-days", "10", "-out", str(folder / "forged.pem")]]
+    for argv in run:
+        subprocess.run(argv, check=True, capture_output=True)
+    return folder / "forged.pem"
 
 
 def test_public_vm_serves_over_tls_pinned_to_the_certificate_the_vm_made(vm: BashVm, testbed: Bed,
@@ -120,9 +131,25 @@ def test_public_vm_serves_over_tls_pinned_to_the_certificate_the_vm_made(vm: Bas
         assert said.startswith("the gateway refused this machine's address (403)"), said
         assert time.monotonic() - started < 60  # refused at once, not after the 120 s wait
         assert probe_from(allowed, f"https://{allowed.gateway_address}:{port}/v1", ca) == "ready"
-        # the engine is published on the VM's loopback only
-        engine = f"http://{allowed.gateway_address}:{recipe.engine.port}/health"
-        assert allowed.run("curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", engine).stdout == "000"
+
+    # the engine publishes no port: it serves on a socket whose folder only root and the gateway's
+    # workers (gid 101) may open
+    inspected = json.loads(testbed.docker("inspect", "md-engine"))[0]
+    assert not inspected["HostConfig"]["PortBindings"] and not inspected["NetworkSettings"]["Ports"]
+    socket_dir = vm.md_dir / "engine"
+    assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o2750 and socket_dir.stat().st_gid == 101
+    assert stat.S_ISSOCK((socket_dir / "engine.sock").stat().st_mode)
+    assert stat.S_IMODE((socket_dir / "engine.sock").stat().st_mode) == 0o770
+
+    # the VM's certificate is a leaf: what its key signs for another name is refused, even by a bundle
+    # that holds the system's CAs and this certificate (what `env` gives a shell)
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(ssl.get_default_verify_paths().openssl_cafile).read_bytes() + cert_file.read_bytes())
+    forged = _sign_for("pypi.org", cert_file, key_file, tmp_path)
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(bundle), str(forged)], capture_output=True, text=True)
+    assert verify.returncode != 0 and "pypi.org" not in verify.stdout.replace("CN = pypi.org", "")
+    assert subprocess.run(["openssl", "verify", "-CAfile", str(bundle), str(cert_file)]).returncode == 0
 
     # secrets: by environment only, never in a container's command line or a process's arguments
     inspected = json.loads(testbed.docker("inspect", "md-engine", "md-gateway"))

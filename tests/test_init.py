@@ -1,5 +1,6 @@
 """`init --ci github`: the workflow it writes parses as YAML, has the expected job and steps, reads the cloud's
-credentials from repository secrets, always tears down, and is never written over without --force."""
+credentials from the secrets of a GitHub environment, never runs on pull requests, always tears down, and is
+never written over without --force."""
 
 from __future__ import annotations
 
@@ -35,13 +36,30 @@ def _secret(name: str) -> str:
     return "${{ secrets." + name + " }}"
 
 
+def _triggers(workflow: dict[str, Any]) -> dict[str, Any]:
+    return workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+
+
+def _assert_credentials_reach_trusted_runs_only(workflow: dict[str, Any], text: str) -> None:
+    """No pull_request_target anywhere outside comments; and a job that reads secrets either never runs on
+    pull_request or waits for its environment's protection rules."""
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "pull_request_target" not in code and "pull_request_target" not in _triggers(workflow)
+    for name, job in workflow["jobs"].items():
+        if "secrets." in str(job):
+            assert "pull_request" not in _triggers(workflow) or job.get("environment"), name
+
+
 def test_default_workflow_for_aws(tmp_path: Path) -> None:
     workflow, text, result = _init(tmp_path, "--gpu", "A10G")
     assert workflow["name"] == "LLM tests" and set(workflow["jobs"]) == {"llm-tests"}
-    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
-    assert set(triggers) == {"workflow_dispatch", "pull_request"}
+    # pushes to the default branch and runs started by hand: never a pull request's code with the credentials
+    triggers = _triggers(workflow)
+    assert set(triggers) == {"push", "workflow_dispatch"} and triggers["push"] == {"branches": ["main"]}
     assert workflow["permissions"] == {"contents": "read"}
     job = workflow["jobs"]["llm-tests"]
+    assert job["environment"] == "cloud"  # its secrets, and its required reviewers
+    _assert_credentials_reach_trusted_runs_only(workflow, text)
     assert job["runs-on"] == "ubuntu-latest" and job["timeout-minutes"] == 60 + 30
     steps = _steps(workflow)
     assert list(steps) == ["actions/checkout@v4", "actions/setup-python@v5", "Install mistral-deploy",
@@ -67,6 +85,9 @@ def test_default_workflow_for_aws(tmp_path: Path) -> None:
     # no step before the deployment sees the credentials
     assert "env" not in steps["Install mistral-deploy"] and "secrets." not in str(job.get("env"))
     assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, HF_TOKEN" in result.stderr
+    assert "'cloud'" in result.stderr and "required reviewers" in result.stderr
+    # the tests get the endpoint, not the credentials: `run` passes them on only if named
+    assert "--pass-env" not in run["run"]
     assert text.startswith("# LLM tests against an ephemeral mistral-deploy endpoint on aws.")
 
 
@@ -111,6 +132,25 @@ def test_gcp_and_azure_log_in_with_their_action(tmp_path: Path, cloud: str, acti
     assert f"skypilot[{cloud}]" in _steps(workflow)["Install mistral-deploy"]["run"]
     assert _steps(workflow)["Tear down whatever is left"]["if"] == "always()"
     assert secret in result.stderr
+    assert workflow["jobs"]["llm-tests"]["environment"] == "cloud"
+    assert set(_triggers(workflow)) == {"push", "workflow_dispatch"}
+    _assert_credentials_reach_trusted_runs_only(workflow, text)
+
+
+@pytest.mark.parametrize("trigger", ["pull_request", "pull_request_target"])
+def test_a_template_that_runs_on_pull_requests_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          trigger: str) -> None:
+    import mistral_deploy.templates as templates
+
+    real = templates.render_template
+
+    def with_trigger(name: str, **context: Any) -> str:
+        return real(name, **context).replace("  workflow_dispatch:\n", f"  workflow_dispatch:\n  {trigger}:\n", 1)
+
+    monkeypatch.setattr(templates, "render_template", with_trigger)
+    _workflow, _text, result = _init(tmp_path, code=1)
+    assert "error: the rendered workflow runs on pull requests" in result.stderr
+    assert not (tmp_path / ".github").exists()
 
 
 def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:

@@ -41,7 +41,10 @@ def client_env(deployment: "Deployment", store: "StateStore") -> dict[str, str]:
     env = {"OPENAI_BASE_URL": deployment.endpoint, "OPENAI_API_KEY": keys[0] if keys else ""}
     if deployment.tls_ca:
         # httpx (the openai client) reads SSL_CERT_FILE, curl CURL_CA_BUNDLE, requests REQUESTS_CA_BUNDLE:
-        # a bundle of the system's CAs plus the pinned one, so other HTTPS in the same shell still works
+        # a bundle of the system's CAs plus the endpoint's certificate, so other HTTPS in the same shell still
+        # works. What it adds can vouch for the endpoint alone: on a VM a leaf certificate (CA:FALSE, so
+        # whatever its key signs is refused), locally a CA whose key was discarded the moment it signed.
+        # MISTRAL_DEPLOY_CA_FILE is the endpoint's certificate alone, for clients that pin it strictly.
         bundle = trust_bundle(deployment.tls_ca, store.dir(deployment.name) / "tls" / "trust-bundle.pem")
         env.update(SSL_CERT_FILE=bundle, CURL_CA_BUNDLE=bundle, REQUESTS_CA_BUNDLE=bundle,
                    MISTRAL_DEPLOY_CA_FILE=deployment.tls_ca)

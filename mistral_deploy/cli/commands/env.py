@@ -29,6 +29,7 @@ def env(
         return
     lines = []
     if "SSL_CERT_FILE" in variables:
-        lines.append("# TLS: clients in this shell trust only the endpoint's pinned certificate")
+        lines.append("# TLS: clients in this shell trust the system's CAs plus the endpoint's own certificate, which "
+                     "can vouch for the endpoint's addresses only (MISTRAL_DEPLOY_CA_FILE alone pins it)")
     lines += [f"export {key}={shlex.quote(value)}" for key, value in variables.items()]
     out.data("\n".join(lines))

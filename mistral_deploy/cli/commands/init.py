@@ -29,6 +29,10 @@ CLOUD_SECRETS: dict[str, tuple[tuple[str, str], ...]] = {
                                     "for azure/login"),),
 }
 HF_TOKEN_SECRET = ("HF_TOKEN", "a Hugging Face token with access to the gated model")
+# The GitHub environment that holds the credentials (and whose required reviewers gate each run), and the
+# branch whose pushes run the workflow. Never pull_request(_target): see the template's opening comment.
+GITHUB_ENVIRONMENT = "cloud"
+DEFAULT_BRANCH = "main"
 
 
 class CiSystem(str, enum.Enum):
@@ -60,7 +64,9 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a CI workflow that brings up an ephemeral endpoint with the cloud credentials from the
-    repository's secrets, runs the tests against it, and always tears it down (the TTL is the backstop).
+    secrets of the `cloud` GitHub environment, runs the tests against it, and always tears it down (the
+    TTL is the backstop). It runs on pushes to main and by hand, never on pull requests: give the
+    environment required reviewers and each run waits for a maintainer's approval.
 
     Exit 0: written; 1: the file exists (pass --force) or cannot be written; 3: invalid recipe or flag.
     """
@@ -79,8 +85,9 @@ def init(
     except OSError as exc:
         raise MistralDeployError(f"--out: cannot write {out_path}: {exc.strerror}") from None
     output.info(f"wrote {out_path}")
-    output.info("add these repository secrets (Settings > Secrets and variables > Actions): "
-                + ", ".join(name for name, _ in secrets))
+    output.info(f"add these secrets to the GitHub environment {GITHUB_ENVIRONMENT!r} (Settings > Environments) "
+                "and give it required reviewers: " + ", ".join(name for name, _ in secrets))
+    output.info(f"the workflow runs on pushes to {DEFAULT_BRANCH} and by hand, never on pull requests")
     if Path(recipe).suffix in (".yaml", ".yml"):
         output.info(f"the workflow reads {recipe} from the repository: commit it")
 
@@ -138,6 +145,8 @@ def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[s
         "python_version": PYTHON_VERSION,
         "hf_token": loaded.recipe.model.hf_token,
         "secrets": secrets,
+        "environment": GITHUB_ENVIRONMENT,
+        "branch": DEFAULT_BRANCH,
         "secret": lambda name: "${{ secrets." + name + " }}",
     }
     text = render_template(WORKFLOW_TEMPLATE, **context)
@@ -147,4 +156,7 @@ def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[s
         raise MistralDeployError(f"the rendered workflow is not valid YAML: {exc}") from None
     if not isinstance(parsed, dict) or "jobs" not in parsed:
         raise MistralDeployError("the rendered workflow has no jobs")
+    triggers = parsed.get("on", parsed.get(True)) or {}  # YAML 1.1 reads a bare `on` as true
+    if "pull_request" in triggers or "pull_request_target" in triggers:  # would hand a PR's code the secrets
+        raise MistralDeployError("the rendered workflow runs on pull requests")
     return text, secrets

@@ -3,16 +3,22 @@
 Up, run the command with OPENAI_BASE_URL / OPENAI_API_KEY (and the pinned CA file) in its environment,
 then always down: on success, on failure, on Ctrl-C and on SIGTERM. On clouds the TTL is the backstop
 if this process itself is killed.
+
+The command does not inherit `run`'s environment, which holds the cloud credentials `up` needs (AWS_*,
+GOOGLE_*, AZURE_*, HF_TOKEN, GITHUB_TOKEN, ...). It gets a small base set (the shell's basics, the locale,
+the Python environment, CI's and GitHub Actions' non-secret description of the run: BASE_ENV), the
+endpoint's variables (client_env), and the variables the user names with `--pass-env`: see command_env.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterable, Mapping, Optional
 
 import typer
 
@@ -24,6 +30,68 @@ from mistral_deploy.cli._output import Output
 
 # How long the command gets to exit after it was forwarded SIGTERM/SIGINT, before SIGKILL.
 COMMAND_GRACE_SECONDS = 10.0
+
+# What the command inherits without being asked: nothing that is a credential. CI's variables are named one
+# by one (a prefix such as GITHUB_* or CI_* would take GITHUB_TOKEN, GitLab's CI_JOB_TOKEN, ...); of GitHub's
+# defaults GITHUB_ENV and GITHUB_PATH are left out too, as they change the environment of the later steps,
+# which hold the cloud credentials. ACTIONS_* (the runner's and OIDC tokens) are never passed unless named.
+BASE_ENV = frozenset({
+    # the shell's basics, the locale, temporary files
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM", "TZ", "TMPDIR", "PWD", "NO_COLOR",
+    "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_RUNTIME_DIR",
+    # the Python environment, and where to find the system's CA certificates (paths, not secrets)
+    "VIRTUAL_ENV", "PYTHONPATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    # our own state folder, so that `mistral-deploy status` / `env` in the command see this deployment
+    "MISTRAL_DEPLOY_HOME",
+    # CI, and GitHub Actions' description of the run (docs.github.com: "Default environment variables")
+    "CI", "GITHUB_ACTIONS", "GITHUB_ACTION", "GITHUB_ACTION_PATH", "GITHUB_ACTION_REPOSITORY", "GITHUB_ACTOR",
+    "GITHUB_ACTOR_ID", "GITHUB_API_URL", "GITHUB_BASE_REF", "GITHUB_EVENT_NAME", "GITHUB_EVENT_PATH",
+    "GITHUB_GRAPHQL_URL", "GITHUB_HEAD_REF", "GITHUB_JOB", "GITHUB_OUTPUT", "GITHUB_REF", "GITHUB_REF_NAME",
+    "GITHUB_REF_PROTECTED", "GITHUB_REF_TYPE", "GITHUB_REPOSITORY", "GITHUB_REPOSITORY_ID",
+    "GITHUB_REPOSITORY_OWNER", "GITHUB_REPOSITORY_OWNER_ID", "GITHUB_RETENTION_DAYS", "GITHUB_RUN_ATTEMPT",
+    "GITHUB_RUN_ID", "GITHUB_RUN_NUMBER", "GITHUB_SERVER_URL", "GITHUB_SHA", "GITHUB_STEP_SUMMARY",
+    "GITHUB_TRIGGERING_ACTOR", "GITHUB_WORKFLOW", "GITHUB_WORKFLOW_REF", "GITHUB_WORKFLOW_SHA", "GITHUB_WORKSPACE",
+    "RUNNER_ARCH", "RUNNER_DEBUG", "RUNNER_ENVIRONMENT", "RUNNER_NAME", "RUNNER_OS", "RUNNER_TEMP",
+    "RUNNER_TOOL_CACHE", "RUNNER_WORKSPACE",
+})
+BASE_ENV_PREFIXES = ("LC_",)
+
+# A --pass-env entry: a variable's name, or a prefix followed by `*` (`*` alone: everything).
+_PASS_ENV_ENTRY = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*)?\*|[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_pass_env(values: Optional[Iterable[str]]) -> tuple[str, ...]:
+    """The --pass-env values, each a name, a `PREFIX*` glob or a comma-separated list of them; raises a
+    one-line error naming the flag for anything else."""
+    from mistral_deploy.errors import MistralDeployError
+
+    entries: list[str] = []
+    for value in values or ():
+        for entry in value.split(","):
+            entry = entry.strip()
+            if not entry:
+                raise MistralDeployError(f"--pass-env: an empty name in {value!r}")
+            if not _PASS_ENV_ENTRY.fullmatch(entry):
+                raise MistralDeployError(f"--pass-env: {entry!r} is not a variable name (letters, digits and _, "
+                                         f"not starting with a digit) or a PREFIX* glob such as 'MY_APP_*'")
+            entries.append(entry)
+    return tuple(entries)
+
+
+def command_env(environ: Mapping[str, str], endpoint_env: Mapping[str, str],
+                pass_env: Iterable[str] = ()) -> dict[str, str]:
+    """The command's environment: of `environ`, the base set (BASE_ENV, LC_*) and what `pass_env` names
+    (names and PREFIX* globs, as parse_pass_env returns them); then the endpoint's variables, which win."""
+    names = set(BASE_ENV)
+    prefixes = list(BASE_ENV_PREFIXES)
+    for entry in pass_env:
+        if entry.endswith("*"):
+            prefixes.append(entry[:-1])
+        else:
+            names.add(entry)
+    env = {key: value for key, value in environ.items() if key in names or key.startswith(tuple(prefixes))}
+    env.update(endpoint_env)
+    return env
 
 
 @app.command()
@@ -40,6 +108,13 @@ def run(
     allow: Allow = None,
     ttl: Ttl = None,
     port: Port = None,
+    pass_env: Annotated[
+        Optional[list[str]],
+        typer.Option("--pass-env", metavar="NAME",
+                     help="Also pass this variable to COMMAND (repeatable; NAME,NAME; a trailing * matches a "
+                          "prefix: 'MY_APP_*'). Cloud credentials and tokens reach COMMAND only if named.",
+                     show_default=False),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on stdout; the command's stdout goes to stderr.")
     ] = False,
@@ -47,6 +122,12 @@ def run(
     """Bring an endpoint up, run COMMAND against it, always tear it down; exit with COMMAND's exit code.
 
     mistral-deploy run tiny-mistral --cloud local -- python my_eval.py
+
+    COMMAND does not inherit this environment, which holds the cloud credentials: it gets OPENAI_BASE_URL,
+    OPENAI_API_KEY and the CA bundle variables (SSL_CERT_FILE, ...) of the endpoint, a base set (PATH,
+    HOME, USER, SHELL, LANG, LC_*, TERM, TZ, TMPDIR, VIRTUAL_ENV, PYTHONPATH, CI, GitHub Actions' non-secret
+    GITHUB_* and RUNNER_* variables, ...), and what --pass-env names: AWS_*, GOOGLE_*, AZURE_*, HF_TOKEN,
+    GITHUB_TOKEN and the rest only that way (--pass-env '*' passes everything).
 
     Interrupted (Ctrl-C, SIGTERM) while the command runs: the signal is forwarded to it, and `run` exits
     with its code (128+N if signal N ended it). If the endpoint cannot be brought up, exits with
@@ -62,6 +143,7 @@ def run(
     from mistral_deploy.state import StateStore
 
     out = Output(json_mode=json_out)
+    passed = parse_pass_env(pass_env)
     if not command:
         raise MistralDeployError("run: name the command to run after `--`, e.g. -- pytest tests/llm")
     import shutil
@@ -95,8 +177,7 @@ def run(
             finally:
                 progress.close()
             result.update(summary(deployment), up_seconds=round(time.monotonic() - started, 2))
-            env = dict(os.environ)
-            env.update(client_env(deployment, store))
+            env = command_env(os.environ, client_env(deployment, store), passed)
             code = _run_command(command, env, stdout=sys.stderr if json_out else None)
             result["exit_code"] = code
         finally:

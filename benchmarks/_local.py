@@ -34,14 +34,21 @@ def state_home() -> Iterator[Path]:
 
 
 @contextmanager
-def deployment(name: str = "bench", *, progress: Optional[object] = None, **flags: object) -> Iterator[tuple]:
-    """(deployment, api key, store) of a ready local tiny-mistral endpoint; taken down afterwards."""
+def deployment(name: str = "bench", *, progress: Optional[object] = None, limits: Optional[dict] = None,
+               **flags: object) -> Iterator[tuple]:
+    """(deployment, api key, store) of a ready local tiny-mistral endpoint; taken down afterwards.
+    `limits` replaces the recipe's `limits:` section (every limit stays on)."""
     from mistral_deploy.local import LocalBackend
     from mistral_deploy.progress import Progress
-    from mistral_deploy.recipe import Overrides, load_recipe
+    from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
     from mistral_deploy.state import StateStore
 
-    recipe = load_recipe("tiny-mistral", Overrides(cloud="local", name=name, port=free_port(), **flags)).recipe
+    loaded = load_recipe("tiny-mistral", Overrides(cloud="local", name=name, port=free_port(), **flags))
+    recipe = loaded.recipe
+    if limits:
+        data = recipe.to_yaml_config()
+        data["limits"] = limits
+        recipe = validate_recipe_data(data, loaded.source).recipe
     store = StateStore()
     backend = LocalBackend()
     quiet = Progress(quiet=True)

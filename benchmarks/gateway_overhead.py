@@ -1,21 +1,24 @@
 """What does the gateway cost? Through nginx versus straight to the engine, in one run, on one machine.
 
-    python benchmarks/gateway_overhead.py [--seconds 10] [--connections 32] [--streams 30]
+    python benchmarks/gateway_overhead.py [--seconds 5] [--connections 16,256] [--streams 30]
 
-Brings up a local tiny-mistral endpoint (the real vLLM CPU engine and the real nginx gateway), then:
-- throughput: requests/s of GET /v1/models (a fast route) with wrk, through the gateway (with the key)
-  and direct to the engine, alternating --rounds times, and the ratio of the medians (aim: >= 0.9);
+Brings up a local tiny-mistral endpoint (the real vLLM CPU engine and the real nginx gateway) with every
+limit on (`limits:` set high enough for one key and one address to hold 256 connections), then:
+- throughput: requests/s of GET /v1/models (a fast route) through the gateway (with the key, over TCP)
+  and direct to the engine (its Unix socket, the only way in), alternating --rounds times per connection
+  count, and the ratio of the medians (aim: >= 0.97); every answer must be a 200;
 - streaming: the first SSE chunk's delay of a streamed chat completion through the gateway and direct,
-  median over --streams requests each, interleaved, and the difference (aim: a few milliseconds).
-The key reaches wrk through its environment (a Lua script reads it), never its arguments.
-Needs `wrk` (apt-get install wrk); load generator and server share the machine's cores.
+  median over --streams requests each, interleaved, and the difference (aim: < 1 ms).
+The load generator is the same for both paths (keep-alive HTTP/1.1 on asyncio streams), and its own
+ceiling is printed: its rate against a server that answers without work (nginx `return 200`).
+Load generator and server share the machine's cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -23,27 +26,75 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Awaitable, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _local import deployment, state_home  # noqa: E402
+from _local import deployment, free_port, state_home  # noqa: E402
 
-WRK_SCRIPT = 'wrk.headers["Authorization"] = os.getenv("BENCH_AUTHORIZATION")\n'
+LIMITS = {"connections_per_address": 1024, "concurrent_requests": 1024, "requests_per_minute": 10_000_000}
+Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
-def wrk(url: str, authorization: str, seconds: int, connections: int) -> float:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT if authorization else "")
+async def _one_connection(open_: Opener, request: bytes, deadline: float, counts: list[int]) -> None:
+    reader, writer = await open_()
     try:
-        env = dict(os.environ, BENCH_AUTHORIZATION=authorization)
-        out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", script.name, url],
-                             capture_output=True, text=True, env=env, check=True).stdout
+        while time.perf_counter() < deadline:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head[9:12]
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            counts[0 if status == b"200" else 1] += 1
     finally:
-        os.unlink(script.name)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if non2xx:
-        sys.exit(f"gateway_overhead: {non2xx.group(1)} failed requests against {url}")
-    return float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+        writer.close()
+
+
+def hammer(open_: Opener, path: str, authorization: str, seconds: float, connections: int) -> float:
+    """Requests/s of `GET path` over `connections` keep-alive connections; exits if any answer is not 200."""
+    auth = f"Authorization: {authorization}\r\n" if authorization else ""
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n{auth}\r\n".encode()
+    counts = [0, 0]
+
+    async def run() -> float:
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(_one_connection(open_, request, deadline, counts) for _ in range(connections)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(run())
+    if counts[1]:
+        sys.exit(f"gateway_overhead: {counts[1]} of {sum(counts)} requests to {path} were not answered 200")
+    return counts[0] / elapsed
+
+
+def tcp(port: int) -> Opener:
+    return lambda: asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+
+
+def unix(path: str) -> Opener:
+    return lambda: asyncio.open_unix_connection(path, limit=1 << 20)
+
+
+def ceiling_server() -> tuple[subprocess.Popen, int, str]:
+    """An nginx that answers 200 without work: what the load generator can do at most."""
+    folder = tempfile.mkdtemp(prefix="md-ceiling-")
+    port = free_port()
+    Path(folder, "nginx.conf").write_text(
+        f"worker_processes auto; pid {folder}/nginx.pid; error_log {folder}/error.log;\n"
+        "events { worker_connections 4096; }\n"
+        f"http {{ access_log off; client_body_temp_path {folder}; proxy_temp_path {folder};\n"
+        f"  fastcgi_temp_path {folder}; uwsgi_temp_path {folder}; scgi_temp_path {folder};\n"
+        f"  server {{ listen 127.0.0.1:{port}; location / {{ return 200 '{{}}'; }} }} }}\n")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.Popen([nginx, "-p", folder, "-c", f"{folder}/nginx.conf", "-g", "daemon off;"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not Path(folder, "nginx.pid").exists():
+        time.sleep(0.05)
+    return proc, port, folder
 
 
 def first_chunk_seconds(client, url: str, headers: dict[str, str]) -> float:  # type: ignore[no-untyped-def]
@@ -64,45 +115,56 @@ def first_chunk_seconds(client, url: str, headers: dict[str, str]) -> float:  # 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", default="16,256", help="connection counts, comma-separated")
     parser.add_argument("--streams", type=int, default=30)
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("gateway_overhead: wrk is not installed (apt-get install wrk)")
     import httpx
 
-    with state_home(), deployment("bench-gateway") as (deployed, key, _store):
-        gateway = deployed.endpoint.removesuffix("/v1")
-        direct = f"http://127.0.0.1:{deployed.details['engine_port']}"
-        auth = f"Bearer {key}"
-        print(f"endpoint {gateway} (gateway) and {direct} (engine), {os.cpu_count()} cores shared with wrk")
+    ceiling, ceiling_port, ceiling_dir = ceiling_server()
+    try:
+        with state_home(), deployment("bench-gateway", limits=LIMITS) as (deployed, key, _store):
+            gateway_port = int(deployed.details["port"])
+            socket_path = deployed.details["engine_socket"]
+            gateway = deployed.endpoint.removesuffix("/v1")
+            auth = f"Bearer {key}"
+            print(f"endpoint {gateway} (gateway, every limit on) and unix:{socket_path} (engine), "
+                  f"{os.cpu_count()} cores shared with the load generator")
+            hammer(tcp(gateway_port), "/v1/models", auth, 2, 16)  # warm-up
+            for connections in (int(c) for c in args.connections.split(",")):
+                rates: dict[str, list[float]] = {"gateway": [], "direct": [], "ceiling": []}
+                for _ in range(args.rounds):
+                    rates["gateway"].append(hammer(tcp(gateway_port), "/v1/models", auth, args.seconds, connections))
+                    rates["direct"].append(hammer(unix(socket_path), "/v1/models", "", args.seconds, connections))
+                rates["ceiling"].append(hammer(tcp(ceiling_port), "/", "", args.seconds, connections))
+                g, d = statistics.median(rates["gateway"]), statistics.median(rates["direct"])
+                print(f"GET /v1/models, {connections} connections, {args.rounds} alternating rounds of "
+                      f"{args.seconds:g}s each (medians):")
+                print(f"  direct   {d:9.0f} req/s  {[round(r) for r in rates['direct']]}")
+                print(f"  gateway  {g:9.0f} req/s  {[round(r) for r in rates['gateway']]}")
+                print(f"  ratio    {g / d:9.3f}  (aim >= 0.97)")
+                print(f"  load generator ceiling {rates['ceiling'][0]:9.0f} req/s (nginx answering without work)")
 
-        wrk(gateway + "/v1/models", auth, 2, args.connections)  # warm-up
-        rates: dict[str, list[float]] = {"gateway": [], "direct": []}
-        for _ in range(args.rounds):
-            rates["gateway"].append(wrk(gateway + "/v1/models", auth, args.seconds, args.connections))
-            rates["direct"].append(wrk(direct + "/v1/models", "", args.seconds, args.connections))
-        g, d = statistics.median(rates["gateway"]), statistics.median(rates["direct"])
-        print(f"GET /v1/models, {args.connections} connections, {args.rounds} alternating rounds of "
-              f"{args.seconds}s each (medians):")
-        print(f"  direct   {d:9.0f} req/s  {[round(r) for r in rates['direct']]}")
-        print(f"  gateway  {g:9.0f} req/s  {[round(r) for r in rates['gateway']]}")
-        print(f"  ratio    {g / d:9.3f}  (aim >= 0.9)")
-
-        firsts: dict[str, list[float]] = {"gateway": [], "direct": []}
-        with httpx.Client(timeout=60, trust_env=False) as client:
-            for i in range(args.streams + 2):
-                for name, base, headers in (("gateway", gateway, {"Authorization": auth}), ("direct", direct, {})):
-                    value = first_chunk_seconds(client, base + "/v1/chat/completions", headers)
-                    if i >= 2:  # the first two are warm-up
-                        firsts[name].append(value)
-        mg, md = statistics.median(firsts["gateway"]), statistics.median(firsts["direct"])
-        print(f"first streamed chunk, median of {args.streams} interleaved requests each:")
-        print(f"  direct   {md * 1000:7.2f} ms")
-        print(f"  gateway  {mg * 1000:7.2f} ms")
-        print(f"  added    {(mg - md) * 1000:7.2f} ms  (aim: a few ms)")
+            firsts: dict[str, list[float]] = {"gateway": [], "direct": []}
+            with httpx.Client(timeout=60, trust_env=False) as via_gateway, \
+                    httpx.Client(timeout=60, transport=httpx.HTTPTransport(uds=socket_path)) as direct:
+                for i in range(args.streams + 2):
+                    for name, client, base, headers in (
+                            ("gateway", via_gateway, gateway, {"Authorization": auth}),
+                            ("direct", direct, "http://engine", {})):
+                        value = first_chunk_seconds(client, base + "/v1/chat/completions", headers)
+                        if i >= 2:  # the first two are warm-up
+                            firsts[name].append(value)
+            mg, md = statistics.median(firsts["gateway"]), statistics.median(firsts["direct"])
+            print(f"first streamed chunk, median of {args.streams} interleaved requests each:")
+            print(f"  direct   {md * 1000:7.2f} ms")
+            print(f"  gateway  {mg * 1000:7.2f} ms")
+            print(f"  added    {(mg - md) * 1000:7.2f} ms  (aim < 1 ms)")
+    finally:
+        ceiling.terminate()
+        ceiling.wait(timeout=10)
+        shutil.rmtree(ceiling_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,18 @@ def one_run(index: int) -> tuple[float, float]:
     stop = threading.Event()
 
     def watch() -> None:
-        with httpx.Client(timeout=1, trust_env=False) as http:
-            while not stop.is_set():
-                try:
-                    port = store.load(name).details.get("engine_port")
-                    if port and http.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+        while not stop.is_set():
+            try:
+                path = store.load(name).details.get("engine_socket")
+                if path and Path(path).exists():
+                    with httpx.Client(timeout=1, transport=httpx.HTTPTransport(uds=path)) as http:
+                        ok = http.get("http://engine/health").status_code == 200
+                    if ok:
                         first_answer["at"] = time.monotonic()
                         return
-                except Exception:  # noqa: BLE001 - not yet recorded, not yet listening
-                    pass
-                time.sleep(0.005)
+            except Exception:  # noqa: BLE001 - not yet recorded, not yet listening
+                pass
+            time.sleep(0.005)
 
     watcher = threading.Thread(target=watch, daemon=True)
     started = time.monotonic()

@@ -416,6 +416,17 @@ class Recipe(_Spec):
                 raise ValueError("replicas: a SkyServe service needs network.mode: public")
         return self
 
+    def cautions(self) -> list[str]:
+        """What this recipe leaves exposed on purpose: said by `validate` and `up`, never an error."""
+        said = []
+        if self.network.mode == "vpc" and not self.tls_enabled:
+            said.append("network.tls is off: API keys and prompts cross the VPC in clear, readable by anything "
+                        "that sees its traffic; set network.tls: true to encrypt them")
+        if self.network.mode == "public" and not self.tls_enabled:
+            said.append("network.tls is off on a public endpoint: API keys and prompts cross the internet in "
+                        "clear; set network.tls: true")
+        return said
+
     # Derived values, so that nothing downstream re-implements the defaults.
     @property
     def served_model_name(self) -> str:

@@ -91,3 +91,16 @@ def test_render_command_prints_the_golden_task(name: str) -> None:
     result = run_cli(*_cli_args(name))
     assert result.exit_code == 0, result.output
     assert result.stdout == (GOLDEN / name / "task.yaml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_rendered_scripts_parse_as_bash(name: str, tmp_path: Path) -> None:
+    """SkyPilot runs setup and run with bash: each must at least parse (a stray quote would end the job)."""
+    import subprocess
+
+    task = yaml.safe_load(_rendered(name)["task.yaml"])
+    for part in ("setup", "run"):
+        script = tmp_path / f"{part}.sh"
+        script.write_text(task[part])
+        checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert checked.returncode == 0, f"{part}: {checked.stderr}"

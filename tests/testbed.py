@@ -72,8 +72,8 @@ def _script(command: str, timeout: float = 300) -> subprocess.CompletedProcess[s
 
 
 def tiny_recipe_data(cloud: str, mode: str, **sections: Any) -> dict[str, Any]:
-    """The built-in tiny model on the bed's GPU (A10G:1), in this network mode, with its gateway and engine
-    on free ports (the bed's VMs share this machine's); `sections` update the recipe's sections."""
+    """The built-in tiny model on the bed's GPU (A10G:1), in this network mode, with its gateway on a free
+    port (the bed's VMs share this machine's); `sections` update the recipe's sections."""
     import yaml
 
     from mistral_deploy.recipe import builtin_recipes_dir
@@ -82,7 +82,6 @@ def tiny_recipe_data(cloud: str, mode: str, **sections: Any) -> dict[str, Any]:
     data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
     data["resources"] = {"cloud": cloud, "gpu": "A10G:1", "disk_size": 64}
     data["network"] = {"mode": mode, "port": free_port()}
-    data["engine"] = {**data.get("engine", {}), "port": free_port()}
     for section, values in sections.items():
         if isinstance(values, dict):
             data.setdefault(section, {}).update(values)

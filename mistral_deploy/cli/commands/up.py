@@ -41,6 +41,8 @@ def up(
     out = Output(json_mode=json_out)
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
                                     network=network, allow=allow, ttl=ttl, port=port))
+    for caution in loaded.recipe.cautions():
+        out.warn(caution)
     progress = Progress()
     try:
         with sigterm_as_interrupt():

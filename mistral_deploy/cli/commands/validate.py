@@ -28,5 +28,7 @@ def validate(
     out.data(f"{loaded.source}: valid")
     for est in estimates:
         out.data(f"  {est.summary()}")
+    for caution in loaded.recipe.cautions():
+        out.warn(caution)
     if loaded.recipe.resources.gpu and architecture_of(loaded.recipe) is None:
         out.warn(f"no fit estimate: {loaded.recipe.model.id} is not a known model; set model.architecture")

@@ -34,8 +34,10 @@ from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret,
 from mistral_deploy.progress import PhaseClock
 from mistral_deploy.render import (
     KEY_HASHES_SECRET,
+    NO_ADDRESS_YET,
     PROBE_KEY_SECRET,
     VM_STATE_DIR,
+    admit_load_balancer,
     cloud_config,
     render_task,
     vm_gateway_tls,
@@ -537,24 +539,29 @@ class ServeBackend(_CloudBase):
             secrets[KEY_HASHES_SECRET] = hashes_secret({**hashes_for(keys), PROBE_KEY_ID: key_hash(probe_key)})
             secrets[PROBE_KEY_SECRET] = probe_key
             phase("provisioning", f"service {service_name}: controller and load balancer")
-            tls_hosts: list[str] = []
+            # Replicas admit the load balancer alone, and its certificate names it: both need the
+            # controller's address, known only once a controller runs.
+            controller = self._controller_host()
             if recipe.tls_enabled:
-                controller = self._controller_host()
-                tls_hosts = self._service_tls(task_config, store, deployment, controller)
+                self._service_tls(task_config, store, deployment, controller)
+            admit_load_balancer(task_config, [controller or NO_ADDRESS_YET])
             endpoint_url = sdk.serve_up(task_config, service_name=service_name, secrets=secrets,
                                         global_config=cloud_config(recipe), on_line=lambda _line: None)
             host = urlsplit(endpoint_url).hostname or ""
-            if recipe.tls_enabled and host not in tls_hosts:
-                # A new controller: its address was unknown when the certificate was made. Replicas are
-                # still provisioning, so start over under the same controller with a certificate naming it.
-                phase("provisioning", f"re-issuing the load balancer's certificate for {host}")
+            if host != controller:
+                # A new controller: its address was unknown when the replicas' gateways and the certificate
+                # were made. Replicas are still provisioning, so start over under the same controller.
+                phase("provisioning", f"admitting the load balancer at {host} (a new controller)")
                 sdk.serve_down(service_name)
-                service_name = resource_name(recipe.name) + "-tls"
+                service_name = resource_name(recipe.name) + "-lb"
                 deployment.details["service"] = service_name
                 store.save(deployment)
-                tls_hosts = self._service_tls(task_config, store, deployment, host)
+                if recipe.tls_enabled:
+                    self._service_tls(task_config, store, deployment, host)
+                admit_load_balancer(task_config, [host])
                 endpoint_url = sdk.serve_up(task_config, service_name=service_name, secrets=secrets,
                                             global_config=cloud_config(recipe), on_line=lambda _line: None)
+            deployment.details["load_balancer"] = host
             deployment.endpoint = endpoint_url.rstrip("/") + "/v1"
             deployment.details["head_ip"] = urlsplit(endpoint_url).hostname
             store.save(deployment)

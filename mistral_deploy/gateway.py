@@ -72,8 +72,10 @@ def routes_for(recipe: Recipe) -> tuple[str, ...]:
     return ROUTES[recipe.model.task]
 
 
-def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optional[bool] = None) -> str:
-    """tls: override the recipe's TLS setting (a SkyServe replica speaks plain HTTP to the load balancer)."""
+def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optional[bool] = None,
+                          allow: Optional[list[str]] = None) -> str:
+    """tls: override the recipe's TLS setting (a SkyServe replica speaks plain HTTP to the load balancer);
+    allow: override the addresses admitted (a SkyServe replica admits its load balancer alone)."""
     tls = recipe.tls_enabled if tls is None else tls
     if tls and not (layout.tls_cert and layout.tls_key):
         raise ValueError("TLS is on but the layout has no certificate")
@@ -108,7 +110,7 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
         user=layout.user,
         worker_processes=layout.worker_processes,
         auth_enabled=recipe.auth.enabled,
-        allow=recipe.network.allow,
+        allow=recipe.network.allow if allow is None else allow,
         max_body_size=recipe.network.max_body_size,
         routes=routes_for(recipe),
         upstream_timeout=UPSTREAM_TIMEOUT_SECONDS,

@@ -159,7 +159,7 @@ class LocalBackend:
             env = self._engine_env(recipe, Path(tmpdir), hf_env)
             argv = [python, "-m", "vllm.entrypoints.openai.api_server",
                     *engine_args(recipe, model=model, socket=engine_socket)]
-            engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory)
+            engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory, rotate=True)
             deployment.details["engine"] = engine_ref.to_json()
             store.save(deployment)
 
@@ -252,8 +252,9 @@ class LocalBackend:
             cert, key, tls_ca = str(files.cert), str(files.key), str(files.ca_cert)
         layout = GatewayLayout(
             listen_host=listen_host, port=port, engine_socket=engine_socket, js_file=str(js_file),
-            keys_file=str(keys_file), pid_file=str(gw / "nginx.pid"), error_log=str(gw / "error.log"),
-            access_log=str(gw / "access.log"), temp_dir=str(gw / "temp"), tls_cert=cert, tls_key=key,
+            # both logs go through rotating pipes (processes.spawn): error.log and access.log
+            keys_file=str(keys_file), pid_file=str(gw / "nginx.pid"), error_log="stderr",
+            access_log="/dev/stdout", temp_dir=str(gw / "temp"), tls_cert=cert, tls_key=key,
             worker_processes="auto", max_open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
             # nginx started by root would run its workers as nobody, who cannot open the engine's socket
             # folder (0700): they run as this user, as they do for everyone else
@@ -268,7 +269,7 @@ class LocalBackend:
         gw = directory / GATEWAY_DIR
         argv = [nginx, "-p", str(gw), "-e", layout.error_log, "-c", str(gw / "nginx.conf"), "-g", "daemon off;"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")}
-        ref = processes.spawn(argv, env=env, log=gw / "error.log", cwd=gw)
+        ref = processes.spawn(argv, env=env, log=gw / "access.log", err_log=gw / "error.log", cwd=gw, rotate=True)
         started.append(ref)
         deadline = time.monotonic() + GATEWAY_START_TIMEOUT
         pid_file = Path(layout.pid_file)

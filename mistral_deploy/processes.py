@@ -61,17 +61,63 @@ def alive(ref: Optional[ProcessRef]) -> bool:
     return True
 
 
-def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path) -> ProcessRef:
-    """Start a detached process (its own session: Ctrl-C in the terminal does not reach it)."""
-    with open(log, "ab") as out:
+# Logs of the processes we start are rotated (mistral_deploy.logpipe): at most LOG_BACKUPS + 1 files of
+# LOG_MAX_BYTES each, like the VM's Docker logs.
+LOG_MAX_BYTES = 50 * 1024 * 1024
+LOG_BACKUPS = 2
+
+
+def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path, err_log: Optional[Path] = None,
+          rotate: bool = False) -> ProcessRef:
+    """Start a detached process (its own session: Ctrl-C in the terminal does not reach it), its output
+    appended to `log` (its standard error to `err_log` if given).
+
+    rotate: the output goes through a pipe to a `mistral_deploy.logpipe` process of the same process group,
+    which keeps the log files within LOG_MAX_BYTES each and ends with the process."""
+    targets = [log] if err_log is None else [log, err_log]
+    if not rotate:
+        files = [open(target, "ab") for target in targets]
+        outputs = files
+    else:
+        pipes = [os.pipe() for _ in targets]
+        outputs = [w for _, w in pipes]
+    try:
         proc = subprocess.Popen(
-            list(argv), env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            list(argv), env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=outputs[0],
+            stderr=outputs[1] if len(outputs) > 1 else subprocess.STDOUT, start_new_session=True, close_fds=True,
         )
+    finally:
+        for output in outputs:
+            output.close() if not isinstance(output, int) else os.close(output)
+    if rotate:
+        for (read_end, _), target in zip(pipes, targets):
+            _start_logpipe(read_end, target, proc.pid)
     stat = _stat(proc.pid)
     # the Popen object is dropped: the process outlives the CLI; alive() reaps it if it is our child
     proc.returncode = 0  # keeps Popen.__del__ from warning about a running child
     return ProcessRef(proc.pid, stat[1] if stat else 0)
+
+
+def _start_logpipe(read_end: int, target: Path, group: int) -> None:
+    """A logpipe reading `read_end` into `target`, in the process group `group` (stopped with it)."""
+    import sys
+
+    def join_group() -> None:
+        try:
+            os.setpgid(0, group)
+        except OSError:
+            os.setsid()  # the process is already gone: the logpipe ends at its input's end anyway
+
+    try:
+        pipe = subprocess.Popen(
+            [sys.executable, "-m", "mistral_deploy.logpipe", str(target), str(LOG_MAX_BYTES), str(LOG_BACKUPS)],
+            stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+            preexec_fn=join_group, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                        "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+    finally:
+        os.close(read_end)
+    pipe.returncode = 0
 
 
 def stop(ref: Optional[ProcessRef], *, timeout: float = 15.0, sig: int = signal.SIGTERM) -> bool:

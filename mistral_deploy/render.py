@@ -35,6 +35,13 @@ VM_GATEWAY_DIR = "/etc/mistral-deploy"
 VM_ENGINE_DIR = "/run/mistral-deploy"
 VM_ENGINE_SOCKET = f"{VM_ENGINE_DIR}/engine.sock"
 GATEWAY_USER, GATEWAY_GID = "nginx", 101
+# A SkyServe replica's gateway admits its load balancer's address alone: the controller's, known only once
+# the controller runs, so it reaches the replica as this variable (`up` sets it) and the run script puts
+# it where the placeholder is in the gateway's config.
+LOAD_BALANCER_ENV = "MISTRAL_DEPLOY_LOAD_BALANCER"
+LOAD_BALANCER_PLACEHOLDER = "__MISTRAL_DEPLOY_LOAD_BALANCER__"
+# What replicas admit until the controller's address is known (TEST-NET-1: no such host).
+NO_ADDRESS_YET = "192.0.2.1"
 # Docker's json-file logs of each container are rotated: at most LOG_FILES files of LOG_MAX_SIZE.
 LOG_MAX_SIZE, LOG_FILES = "50m", 3
 
@@ -196,7 +203,9 @@ def render_setup(recipe: Recipe) -> str:
         "setup.sh.j2",
         recipe=recipe,
         state_dir=VM_STATE_DIR,
-        gateway_config=render_gateway_config(recipe, vm_gateway_layout(recipe), tls=vm_gateway_tls(recipe)),
+        gateway_config=render_gateway_config(
+            recipe, vm_gateway_layout(recipe), tls=vm_gateway_tls(recipe),
+            allow=[LOAD_BALANCER_PLACEHOLDER] if recipe.replicas is not None else None),
         gateway_js=template_text("gateway.js"),
         vllm_image=recipe.engine.image,
         gateway_image=GATEWAY_IMAGE,
@@ -228,6 +237,8 @@ def render_run(recipe: Recipe) -> str:
         builtin_model=recipe.builtin_model,
         vpc=recipe.network.mode == "vpc",
         key_hashes_secret=KEY_HASHES_SECRET,
+        load_balancer_env=LOAD_BALANCER_ENV if recipe.replicas is not None else None,
+        load_balancer_placeholder=LOAD_BALANCER_PLACEHOLDER,
     )
 
 
@@ -307,8 +318,11 @@ def render_task(recipe: Recipe) -> dict[str, Any]:
             "use `mistral-deploy up --cloud local`, or render for a cloud (--cloud aws)"
         )
     task: dict[str, Any] = {"name": recipe.name, "resources": _resources(recipe)}
-    if recipe.engine.env:
-        task["envs"] = dict(sorted(recipe.engine.env.items()))
+    envs: dict[str, Optional[str]] = dict(sorted(recipe.engine.env.items()))
+    if recipe.replicas is not None:
+        envs[LOAD_BALANCER_ENV] = None  # the load balancer's address, given at `up` (SkyPilot requires it)
+    if envs:
+        task["envs"] = envs
     secrets: dict[str, None] = {KEY_HASHES_SECRET: None}
     if recipe.replicas is not None:
         secrets[PROBE_KEY_SECRET] = None
@@ -323,6 +337,12 @@ def render_task(recipe: Recipe) -> dict[str, Any]:
     task["setup"] = render_setup(recipe)
     task["run"] = render_run(recipe)
     return task
+
+
+def admit_load_balancer(task_config: dict[str, Any], addresses: list[str]) -> dict[str, Any]:
+    """A service's task with the address(es) of its load balancer, the only one its replicas admit."""
+    task_config.setdefault("envs", {})[LOAD_BALANCER_ENV] = " ".join(addresses)
+    return task_config
 
 
 class _Dumper(yaml.SafeDumper):

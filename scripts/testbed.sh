@@ -412,7 +412,11 @@ launch_dockerd() {  # launch_dockerd NAME DATA_ROOT EXEC_ROOT SOCKET BRIDGE [PRE
   local name="$1" data="$2" exec_root="$3" sock="$4" bridge="$5"; shift 5
   running "$name" && return
   mkdir -p "$data" "$exec_root"
-  # HTTP(S)_PROXY to a closed loopback port: if the mirror ever misses, the daemon cannot reach Docker Hub
+  # HTTP(S)_PROXY to a closed loopback port: if the mirror ever misses, the daemon cannot reach Docker Hub.
+  # A cloud VM's dockerd runs with a high file limit (systemd's LimitNOFILE=infinity), which containers
+  # may then ask for (the gateway's --ulimit nofile): the same here (this script's own shell only).
+  ulimit -Hn 1048576 2>/dev/null || say "cannot raise the file limit for $name"
+  ulimit -Sn "$(ulimit -Hn)"
   PATH="$BED/bin:$PATH" HTTPS_PROXY=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
     "$@" setsid dockerd --data-root "$data" --exec-root "$exec_root" -H "unix://$sock" -G docker \
       --pidfile "$BED/run/$name.pid" --bip "$bridge" --iptables=false --ip-forward=false --ip-masq=false \

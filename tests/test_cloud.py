@@ -427,7 +427,7 @@ def test_serve_first_service_reissues_the_certificate_for_the_new_controller(fak
     deployment = ServeBackend().up(recipe, store, Phases())
     assert fake.names().count("serve_up") == 2
     assert [c.args["service_name"] for c in fake.calls if c.method == "serve_down"] == ["md-mistral-7b-instruct"]
-    assert deployment.details["service"] == "md-mistral-7b-instruct-tls"
+    assert deployment.details["service"] == "md-mistral-7b-instruct-lb"
     keys = store.read_api_keys(recipe.name)
     assert _authed_models(deployment.endpoint, keys[0], deployment.tls_ca).status_code == 200
 

@@ -17,7 +17,8 @@ import pytest
 
 from mistral_deploy.errors import CloudError
 from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
-from mistral_deploy.render import KEY_HASHES_SECRET, HF_TOKEN_SECRET, PROBE_KEY_SECRET, cloud_config, render_task
+from mistral_deploy.render import (HF_TOKEN_SECRET, KEY_HASHES_SECRET, PROBE_KEY_SECRET, admit_load_balancer,
+                                   cloud_config, render_task)
 from mistral_deploy.skysdk import ClusterInfo, SkySdk, describe_sky_error
 
 KEY = "md-THIS-IS-THE-SECRET-API-KEY-0123456789abcdef"
@@ -125,7 +126,7 @@ def test_service_probe_sends_the_probe_key_and_the_spec_never_shows_it(sky_mod):
     raw = {"name": "svc", "model": {"id": "mistralai/Mistral-7B-Instruct-v0.3"},
            "resources": {"cloud": "aws", "gpu": "A10G"}, "replicas": {"min": 1, "max": 3, "target_qps": 2}}
     recipe = validate_recipe_data(raw, "test").recipe
-    config = render_task(recipe)
+    config = admit_load_balancer(render_task(recipe), ["203.0.113.9"])
     secrets = {KEY_HASHES_SECRET: f"{KEY} {PROBE}", PROBE_KEY_SECRET: PROBE}
     task, shown = _capture_everything(lambda: SkySdk().make_task(config, secrets))
     service = task.service

@@ -120,3 +120,19 @@ def test_the_local_ca_vouches_for_the_endpoint_only(tmp_path):
     assert subprocess.run([*verify, str(files.cert)], capture_output=True).returncode == 0
     forged = _forge("pypi.org", files.cert, files.key, tmp_path)
     assert subprocess.run([*verify, "-untrusted", str(files.cert), str(forged)], capture_output=True).returncode != 0
+
+
+def test_logpipe_rotates_at_line_ends_and_keeps_its_backups(tmp_path):
+    import sys
+
+    log = tmp_path / "engine.log"
+    lines = [f"line {n:05d} {'x' * 40}\n".encode() for n in range(200)]  # 51 bytes each
+    proc = subprocess.Popen([sys.executable, "-m", "mistral_deploy.logpipe", str(log), "1000", "2"],
+                            stdin=subprocess.PIPE)
+    proc.communicate(b"".join(lines), timeout=30)
+    assert proc.returncode == 0
+    files = [tmp_path / "engine.log.2", tmp_path / "engine.log.1", log]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.log", "engine.log.1", "engine.log.2"]
+    kept = b"".join(p.read_bytes() for p in files)
+    assert all(0 < p.stat().st_size <= 1000 for p in files)
+    assert kept.endswith(lines[-1]) and b"".join(lines).endswith(kept)  # the newest lines, whole, in order

@@ -19,7 +19,7 @@ from _catalog import CATALOG_VERSION, sky_session  # noqa: F401  (fixture)
 from mistral_deploy.recipe import (
     Overrides, ReplicasSpec, Recipe, builtin_recipe_names, load_recipe, validate_recipe_data,
 )
-from mistral_deploy.render import GATEWAY_IMAGE, cloud_config, render_task
+from mistral_deploy.render import GATEWAY_IMAGE, admit_load_balancer, cloud_config, render_task
 
 CLOUDS = ("aws", "gcp", "azure")
 NETWORKS = ("public", "private", "vpc")
@@ -46,7 +46,10 @@ def _skypilot_accepts(sky: Any, config: dict[str, Any], recipe: Recipe) -> Any:
     from sky.serve import serve_utils
     from sky.utils import common_utils, schemas
 
-    task = sky.Task.from_yaml_config(copy.deepcopy(config))  # it edits the dict it is given
+    config = copy.deepcopy(config)  # from_yaml_config edits the dict it is given
+    if "service" in config:  # `up` gives a service the load balancer's address, which replicas admit
+        admit_load_balancer(config, ["203.0.113.9"])
+    task = sky.Task.from_yaml_config(config)
     if "service" in config:
         assert task.service is not None
         serve_utils.validate_service_task(task, pool=False)

@@ -35,9 +35,9 @@ def state_home() -> Iterator[Path]:
 
 @contextmanager
 def deployment(name: str = "bench", *, progress: Optional[object] = None, limits: Optional[dict] = None,
-               **flags: object) -> Iterator[tuple]:
+               keys: int = 1, **flags: object) -> Iterator[tuple]:
     """(deployment, api key, store) of a ready local tiny-mistral endpoint; taken down afterwards.
-    `limits` replaces the recipe's `limits:` section (every limit stays on)."""
+    `limits` replaces the recipe's `limits:` section (every limit stays on); `keys`: API keys to make."""
     from mistral_deploy.local import LocalBackend
     from mistral_deploy.progress import Progress
     from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
@@ -45,9 +45,10 @@ def deployment(name: str = "bench", *, progress: Optional[object] = None, limits
 
     loaded = load_recipe("tiny-mistral", Overrides(cloud="local", name=name, port=free_port(), **flags))
     recipe = loaded.recipe
-    if limits:
+    if limits or keys != 1:
         data = recipe.to_yaml_config()
-        data["limits"] = limits
+        data["limits"] = limits or {}
+        data["auth"] = {"keys": keys}
         recipe = validate_recipe_data(data, loaded.source).recipe
     store = StateStore()
     backend = LocalBackend()

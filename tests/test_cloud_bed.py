@@ -179,7 +179,8 @@ def test_private_endpoint_lifecycle_on_slurm(testbed: Bed, bed_client: BedClient
     assert secret_in_process_arguments(key, anywhere=True) == []
     assert secret_in_process_environments(key) == []
     assert key not in testbed.docker("inspect", "md-engine", "md-gateway")
-    key_map = testbed.dir / "home" / ".mistral-deploy" / "gateway" / "api_keys.map"
+    # SkyPilot's Slurm runtime gives each cluster a home of its own under the node user's
+    key_map, = (testbed.dir / "home" / ".sky_clusters").glob(f"md-{name}-*/.mistral-deploy/gateway/api_keys.map")
     assert key_map.read_text() == f'"{hashlib.sha256(key.encode()).hexdigest()}" key-1;\n'
     assert stat.S_IMODE(key_map.stat().st_mode) == 0o600
 

@@ -28,7 +28,8 @@ from mistral_deploy import probe
 from mistral_deploy.gateway import UPSTREAM_TIMEOUT_SECONDS, hashes_for, hashes_secret, key_hash
 from mistral_deploy.keys import generate_tls
 from mistral_deploy.recipe import validate_recipe_data
-from mistral_deploy.render import KEY_HASHES_SECRET, PROBE_KEY_SECRET, render_task
+from mistral_deploy.render import (KEY_HASHES_SECRET, LOAD_BALANCER_ENV, PROBE_KEY_SECRET, admit_load_balancer,
+                                   render_task)
 from mistral_deploy.skysdk import SkySdk, free_port, port_open
 from testbed import BashVm, Bed, ReplicaHost, replica_hosts, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
@@ -84,8 +85,12 @@ def service(testbed: Bed, replica_hosts: list[ReplicaHost], tmp_path: Path) -> I
     config = render_task(recipe)
     secrets = {KEY_HASHES_SECRET: hashes_secret({**hashes_for(KEYS), "probe": key_hash(PROBE_KEY)}),
                PROBE_KEY_SECRET: PROBE_KEY}
+    admit_load_balancer(config, [load_balancer_side(host) for host in replica_hosts])  # as `up` does
     task = SkySdk().make_task(config, secrets)  # the spec SkyPilot builds, probe key filled in
-    vms = [BashVm(testbed, secrets, name=f"replica-{host.name}", docker_host=host.docker_host)
+    # each replica admits the load balancer alone: here it reaches replica N from this machine's side of
+    # the replica's link, 10.231.15N.1 (what `up` gives as the controller's address on a cloud)
+    vms = [BashVm(testbed, {**secrets, LOAD_BALANCER_ENV: load_balancer_side(host)}, name=f"replica-{host.name}",
+                  docker_host=host.docker_host)
            for host in replica_hosts]
     try:
         for vm in vms:
@@ -98,6 +103,10 @@ def service(testbed: Bed, replica_hosts: list[ReplicaHost], tmp_path: Path) -> I
                 vm.cancel()
             assert testbed.docker("ps", "-aq", host=host.docker_host).split() == []
             vm.close()
+
+
+def load_balancer_side(host: ReplicaHost) -> str:
+    return host.address.rsplit(".", 1)[0] + ".1"
 
 
 def replica_info(replica_id: int, url: str) -> Any:
@@ -131,6 +140,21 @@ def test_skyserve_load_balancer_in_front_of_two_real_replicas(service: dict[str,
         _, ready, _ = replica.probe(spec.readiness_path, spec.post_data, spec.readiness_timeout_seconds,
                                     {"Authorization": "Bearer md-not-a-key-0123456789abcdefgh"})
         assert not ready, "a probe without the probe key must fail (the gateway checks every request)"
+    # a replica admits its load balancer's address alone: another address on the same link gets 403
+    host = service["hosts"][0]
+    conf = (service["vms"][0].md_dir / "gateway" / "nginx.conf").read_text()
+    assert f"allow {load_balancer_side(host)};" in conf and "0.0.0.0/0" not in conf
+    stranger = host.address.rsplit(".", 1)[0] + ".3"
+    link = subprocess.run(["ip", "-o", "addr", "show", "to", load_balancer_side(host)], capture_output=True,
+                          text=True, check=True).stdout.split()[1]
+    subprocess.run(["ip", "addr", "add", f"{stranger}/32", "dev", link], check=True)
+    try:
+        refused = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10", "--interface",
+                                  stranger, f"{urls[0]}/v1/models", "-H", f"Authorization: Bearer {KEYS[0]}"],
+                                 capture_output=True, text=True)
+        assert refused.stdout == "403"
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{stranger}/32", "dev", link], check=True)
     # the probe key, which SkyServe keeps in clear in the service's spec, may ask for one token only
     probe_auth = {"Authorization": f"Bearer {PROBE_KEY}"}
     asked = {"model": recipe.served_model_name, "prompt": "hi"}

@@ -194,7 +194,7 @@ def test_run_refuses_to_start_without_the_keys(vm: BashVm, testbed: Bed) -> None
     vm.start(task["run"])
     assert vm.run_process is not None and vm.run_process.wait(timeout=60) != 0
     time.sleep(0.5)
-    assert any("MISTRAL_DEPLOY_API_KEYS" in line for line in vm.run_output), vm.run_output
+    assert any("MISTRAL_DEPLOY_KEY_HASHES" in line for line in vm.run_output), vm.run_output
     assert testbed.containers() == []
 
 
@@ -250,8 +250,10 @@ def test_tensor_parallelism_follows_the_gpus_skypilot_gave(vm: BashVm, testbed: 
         assert time.monotonic() < deadline, vm.run_output[-20:]
         time.sleep(0.5)
     args = json.loads(testbed.docker("inspect", "-f", "{{json .Args}}", "md-engine"))
-    # the image's entrypoint is `vllm serve`: its arguments continue it, the model first
-    assert args[:2] == ["serve", "/models/tiny-mistral"]
+    # a shell that makes the socket's folder the gateway's, then execs the image's own `vllm serve` with
+    # the arguments that follow ($0, then the model first)
+    assert args[0] == "-c" and args[1].endswith('exec vllm serve "$@"')
+    assert args[2:4] == ["vllm-serve", "/models/tiny-mistral"]
     assert args[-2:] == ["--tensor-parallel-size", "2"]
     vm.cancel()
     assert testbed.containers() == []

@@ -87,7 +87,7 @@ def test_the_engine_serves_on_its_socket_with_the_output_cap_merged_into_the_rec
     assert config == {"temperature": 0.2, "max_new_tokens": 1000}
     run = render_task(recipe)["run"]
     assert "--uds /run/mistral-deploy/engine.sock" in run and "-p 127" not in run and "--publish" not in run
-    assert "--log-opt max-size=50m" in run and "--ulimit nofile=" in run
+    assert "--log-opt max-size=50m" in run and '--ulimit "nofile=$NOFILE:$NOFILE"' in run and "NOFILE=32832" in run
 
 
 def test_the_vm_certificate_is_a_leaf():

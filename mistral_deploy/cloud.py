@@ -63,7 +63,7 @@ _ENGINE_PHASES = ((re.compile(r"Starting to load model"), "weights"),
 # SkyPilot's lines once the VM is provisioned: runtime and our setup follow.
 _SKY_SETUP_MARKERS = ("Cluster launched", "Running setup", "Setup detached", "Job submitted")
 # Phases the run script reaches only once setup (image pulls, TLS certificate) is done.
-_RUN_PHASES = ("engine-start", "weights")
+_RUN_PHASES = ("weights-download", "engine-start", "weights")
 # SkyServe replica states -> our phases.
 _REPLICA_PHASES = {"PENDING": "provisioning", "PROVISIONING": "provisioning", "STARTING": "engine-start",
                    "READY": "ready"}

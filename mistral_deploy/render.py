@@ -215,6 +215,17 @@ def render_setup(recipe: Recipe) -> str:
     )
 
 
+def _weights_pattern(recipe: Recipe) -> str:
+    """The weights files the engine loads: Mistral's consolidated format with `--load-format mistral`."""
+    args = recipe.model.vllm_args
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--load-format=") else (
+            args[i + 1] if arg == "--load-format" and i + 1 < len(args) else None)
+        if value == "mistral":
+            return "consolidated*.safetensors"
+    return "*.safetensors"
+
+
 def render_run(recipe: Recipe) -> str:
     args = engine_args(recipe, model=_model_source(recipe), socket=VM_ENGINE_SOCKET, model_positional=True,
                        tensor_parallel=False)
@@ -234,6 +245,9 @@ def render_run(recipe: Recipe) -> str:
         engine_env=sorted(recipe.engine.env),
         tensor_parallel=recipe.resources.tensor_parallel or "",
         hf_token=recipe.model.hf_token,
+        downloader=template_text("download_model.py") if recipe.model.hf_token else "",
+        download_args=" ".join(shlex.quote(a) for a in (recipe.model.id, recipe.model.revision or "",
+                                                        _weights_pattern(recipe))),
         builtin_model=recipe.builtin_model,
         vpc=recipe.network.mode == "vpc",
         key_hashes_secret=KEY_HASHES_SECRET,

@@ -17,9 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from hub_standin import HubStandIn
 from local_support import assert_gone, port_free
 from testbed import Bed, BedClient, bed_client, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
@@ -227,72 +226,72 @@ def test_a_gateway_that_cannot_start_fails_the_job_and_up_at_once(testbed: Bed, 
     testbed.clean()
 
 
-class GatedHub:
-    """A stand-in for the Hugging Face Hub (which cannot be reached here), on the bed's Docker bridge:
-    every request is refused as the Hub refuses a gated model to a token that has not accepted its terms."""
-
-    def __init__(self, host: str) -> None:
-        self.authorizations: list[str] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _refuse(self) -> None:
-                hub.authorizations.append(self.headers.get("Authorization", ""))
-                body = b'{"error":"Access to model mistralai/Mistral-7B-v0.1 is restricted."}'
-                self.send_response(401)
-                self.send_header("X-Error-Code", "GatedRepo")
-                self.send_header("X-Error-Message", "Access to model mistralai/Mistral-7B-v0.1 is restricted. "
-                                 "You must have access to it and be authenticated to access it. Please log in.")
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_HEAD = do_POST = _refuse  # noqa: N815
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.url = f"http://{host}:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+GATED = "mistralai/Mistral-7B-v0.1"
 
 
 @pytest.fixture
-def gated_hub(testbed: Bed) -> Iterator[GatedHub]:
+def hub(testbed: Bed, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubStandIn]:
+    """The stand-in Hub on the bed's Docker bridge, serving the tiny model as the gated GATED to the token
+    HF alone."""
+    from conftest import ENGINE_PYTHON
+    from mistral_deploy import engine
+
+    monkeypatch.setenv("MISTRAL_DEPLOY_MODELS_DIR", str(models_dir))
+    folder = engine.ensure_builtin_model("tiny-mistral", ENGINE_PYTHON)
     bridge = testbed.docker("network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}").strip()
-    hub = GatedHub(bridge)
-    yield hub
-    hub.stop()
+    stand_in = HubStandIn(bridge, GATED, folder, HF)
+    yield stand_in
+    stand_in.stop()
+
+
+def gated_recipe(tmp_path: Path, name: str, hub: HubStandIn) -> Path:
+    # several clouds in order: SkyPilot has no AWS credentials here, so it fails over to the Slurm cluster
+    return write_recipe(tmp_path / "r.yaml", name, model={"id": GATED, "hf_token": True, "max_model_len": 256},
+                        resources={"cloud": ["aws", "slurm"]},
+                        engine={"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_ENDPOINT": hub.url}})
 
 
 def test_a_gated_model_refused_by_the_hub_ends_up_with_that_reason(testbed: Bed, bed_client: BedClient,
-                                                                   gated_hub: GatedHub, tmp_path: Path) -> None:
+                                                                   hub: HubStandIn, tmp_path: Path) -> None:
     name = "bedgated"
-    # several clouds in order: SkyPilot has no AWS credentials here, so it fails over to the Slurm cluster
-    recipe = write_recipe(tmp_path / "r.yaml", name,
-                          model={"id": "mistralai/Mistral-7B-v0.1", "hf_token": True, "max_model_len": 256},
-                          resources={"cloud": ["aws", "slurm"]},
-                          engine={"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_ENDPOINT": gated_hub.url}})
-    up = bed_client.cli("up", str(recipe), env={"HF_TOKEN": HF})
+    wrong = "hf_bedtest_a_token_without_access_0123"
+    up = bed_client.cli("up", str(gated_recipe(tmp_path, name, hub)), env={"HF_TOKEN": wrong})
     assert up.returncode == 8, up.stderr[-3000:]
     assert "the Hugging Face Hub refused the model download (401" in up.stderr
-    # the token reached the engine (as a SkyPilot secret, then the container's environment) ...
-    assert f"Bearer {HF}" in gated_hub.authorizations
+    # the token reached the download (as a SkyPilot secret, then that container's environment) ...
+    assert f"Bearer {wrong}" in hub.authorizations and hub.downloaded == []
     # ... and nothing that shows or runs
     logs = bed_client.cli("logs", name, "-n", "500")
     for text in (up.stdout, up.stderr, logs.stdout, logs.stderr):
-        assert HF not in text
-    assert secret_in_process_arguments(HF) == []
+        assert wrong not in text
+    assert secret_in_process_arguments(wrong) == []
     record = bed_client.record(name)
     assert record["details"]["cloud"] == "slurm" and record["phase"] == "failed"
     assert "401" in record["details"]["error"]
     assert bed_client.cli("down", name).returncode == 0
     testbed.clean()
+
+
+def test_a_gated_model_is_downloaded_with_the_token_and_served_without_it(testbed: Bed, bed_client: BedClient,
+                                                                          hub: HubStandIn, tmp_path: Path) -> None:
+    """The token is used by a short-lived download container only: the engine runs offline, without it."""
+    name = "bedhub"
+    up = bed_client.cli("up", str(gated_recipe(tmp_path, name, hub)), env={"HF_TOKEN": HF})
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        assert "model.safetensors" in hub.downloaded and f"Bearer {HF}" in hub.authorizations
+        phases = [p["phase"] for p in bed_client.record(name)["details"]["phases"]]
+        assert phases.index("weights-download") < phases.index("engine-start"), phases
+        engine = json.loads(testbed.docker("inspect", "md-engine"))[0]
+        assert "HF_HUB_OFFLINE=1" in engine["Config"]["Env"]
+        assert not any(v.startswith("HF_TOKEN") for v in engine["Config"]["Env"])
+        assert HF not in json.dumps(engine) and HF not in testbed.docker("inspect", "md-gateway")
+        assert sorted(testbed.containers()) == [
+            "md-engine", "md-gateway"]  # the download container is gone
+        status = json.loads(bed_client.cli("status", name, "--json").stdout)
+        assert status["healthy"] is True
+        logs = bed_client.cli("logs", name, "-n", "500")
+        assert HF not in logs.stdout + logs.stderr + up.stdout + up.stderr
+    finally:
+        assert bed_client.cli("down", name).returncode == 0
+        testbed.clean()

@@ -4,10 +4,10 @@ A's per-key concurrency limit, against B's latency on an idle endpoint; in one r
     python benchmarks/key_isolation.py [--greedy 32] [--samples 20]
 
 Two local tiny-mistral endpoints (the real vLLM CPU engine and nginx gateway), each with two keys:
-- "limited": limits.concurrent_requests 2 per key (A gets 429 beyond 2 in flight);
+- "limited": limits.concurrent_requests 1 per key (A gets 429 beyond 1 in flight);
 - "unlimited": the same with concurrent_requests 1024 (A may hold the engine).
 For each: B's median time for a short completion (8 tokens) idle, then while A keeps --greedy long
-completions (128 tokens) in flight, retrying at once on 429. The ratio loaded/idle is the figure: near 1
+completions (128 tokens) in flight, retrying after Retry-After on 429 (as the OpenAI clients do). The ratio loaded/idle is the figure: near 1
 means A's flood left B's latency unchanged.
 """
 
@@ -47,10 +47,10 @@ def flood(url: str, key: str, workers: int, stop: threading.Event, counts: dict[
     def worker() -> None:
         with httpx.Client(timeout=300, trust_env=False) as client:
             while not stop.is_set():
-                status = client.post(url, json=LONG, headers={"Authorization": f"Bearer {key}"}).status_code
-                counts[str(status)] = counts.get(str(status), 0) + 1
-                if status == 429:
-                    time.sleep(0.05)
+                response = client.post(url, json=LONG, headers={"Authorization": f"Bearer {key}"})
+                counts[str(response.status_code)] = counts.get(str(response.status_code), 0) + 1
+                if response.status_code == 429:  # as the OpenAI clients do: wait as long as Retry-After says
+                    stop.wait(float(response.headers.get("Retry-After", "1")))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     for thread in threads:
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20)
     args = parser.parse_args()
     with state_home():
-        rows = [("limited (A: 2 in flight)", *measure("iso-limited", 2, args)),
+        rows = [("limited (A: 1 in flight)", *measure("iso-limited", 1, args)),
                 ("unlimited", *measure("iso-unlimited", 1024, args))]
     print(f"key B: median of {args.samples} completions of {SHORT['max_tokens']} tokens; key A keeps "
           f"{args.greedy} completions of {LONG['max_tokens']} tokens in flight")

@@ -33,6 +33,8 @@ from mistral_deploy.infra import check_gpus_offered, check_launchable
 from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.progress import PhaseClock
 from mistral_deploy.render import (
+    HF_TOKEN_FILE,
+    HF_TOKEN_SECRET,
     KEY_HASHES_SECRET,
     NO_ADDRESS_YET,
     PROBE_KEY_SECRET,
@@ -239,7 +241,9 @@ class CloudBackend(_CloudBase):
         sdk = self.sdk
         check_launchable(recipe, sdk)  # what the clouds cannot do, said before anything exists
         check_gpus_offered(recipe, sdk)
-        secrets = launch_secrets(recipe)  # so is a missing HF_TOKEN
+        # so is a missing HF_TOKEN; a single VM gets it over SSH once its job runs, not as a SkyPilot secret
+        hf_token = launch_secrets(recipe).get(HF_TOKEN_SECRET)
+        secrets: dict[str, str] = {}
         cluster_name = resource_name(recipe.name)
         mode = recipe.network.mode
         deployment = self._reserve(recipe, store, {"cluster": cluster_name, "network": mode,
@@ -297,6 +301,10 @@ class CloudBackend(_CloudBase):
             started = job_log.wait_for(_RUN_PHASES, deadline)
             if not started and job_log.failed is None:
                 raise NotReadyError(f"setup did not finish on {cluster_name}", log_tail=job_log.tail())
+            if hf_token:
+                # the run script waits for it (phase weights-download), hands it to the download container
+                # and deletes it; it never passes through SkyPilot
+                sdk.write_head_file(cluster_name, HF_TOKEN_FILE, f"{HF_TOKEN_SECRET}={hf_token}\n")
             tls = vm_gateway_tls(recipe)
             if tls:
                 pem = self._vm_certificate(cluster_name, started, deadline)

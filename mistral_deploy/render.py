@@ -26,6 +26,10 @@ KEY_HASHES_SECRET = "MISTRAL_DEPLOY_KEY_HASHES"
 # one token at a low rate (gateway.js), since SkyServe keeps it in clear in the service's spec.
 PROBE_KEY_SECRET = "MISTRAL_DEPLOY_PROBE_KEY"
 HF_TOKEN_SECRET = "HF_TOKEN"
+# Where `up` writes a single VM's Hugging Face token (0600, as HF_TOKEN=... for docker's --env-file); the run
+# script waits for it, hands it to the download container and deletes it.
+HF_TOKEN_FILE = "~/.mistral-deploy/hf-token.env"
+HF_TOKEN_WAIT_SECONDS = 900
 # On the VM: the gateway's files, mounted read-only into the nginx container at VM_GATEWAY_DIR.
 VM_STATE_DIR = "$HOME/.mistral-deploy"
 VM_GATEWAY_DIR = "/etc/mistral-deploy"
@@ -245,6 +249,9 @@ def render_run(recipe: Recipe) -> str:
         engine_env=sorted(recipe.engine.env),
         tensor_parallel=recipe.resources.tensor_parallel or "",
         hf_token=recipe.model.hf_token,
+        token_by_ssh=recipe.model.hf_token and recipe.replicas is None,
+        token_file=HF_TOKEN_FILE.replace("~", "$HOME", 1),
+        token_wait=HF_TOKEN_WAIT_SECONDS,
         downloader=template_text("download_model.py") if recipe.model.hf_token else "",
         download_args=" ".join(shlex.quote(a) for a in (recipe.model.id, recipe.model.revision or "",
                                                         _weights_pattern(recipe))),
@@ -340,7 +347,9 @@ def render_task(recipe: Recipe) -> dict[str, Any]:
     secrets: dict[str, None] = {KEY_HASHES_SECRET: None}
     if recipe.replicas is not None:
         secrets[PROBE_KEY_SECRET] = None
-    if recipe.model.hf_token:
+    if recipe.model.hf_token and recipe.replicas is not None:
+        # a service's controller launches replicas later, with no SSH from here: the token goes as a secret.
+        # A single VM gets it over SSH once its job runs (HF_TOKEN_FILE), never through SkyPilot.
         secrets[HF_TOKEN_SECRET] = None
     task["secrets"] = secrets
     config = _config_overrides(recipe)

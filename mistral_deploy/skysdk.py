@@ -503,6 +503,21 @@ class SkySdk:
             raise CloudError(f"ssh {cluster_name}: cannot read {path}: {first_line(done.stderr) or done.returncode}")
         return done.stdout
 
+    def write_head_file(self, cluster_name: str, path: str, data: str) -> None:
+        """Write a file on the head node, readable by its owner only (0600), through SkyPilot's SSH access.
+        The content travels on ssh's standard input: never in an argument, a log or SkyPilot's records."""
+        if not re.fullmatch(r"~/[A-Za-z0-9._/-]+", path):
+            raise CloudError(f"not a path under the home folder: {path}")
+        temp = path + ".tmp"
+        command = f"umask 077 && mkdir -p \"$(dirname {temp})\" && cat > {temp} && mv -f {temp} {path}"
+        argv = self._ssh_base(cluster_name) + [cluster_name, command]
+        try:
+            done = subprocess.run(argv, input=data, capture_output=True, text=True, timeout=120, check=False)
+        except subprocess.TimeoutExpired:
+            raise CloudError(f"ssh {cluster_name}: timed out writing {path}") from None
+        if done.returncode != 0:
+            raise CloudError(f"ssh {cluster_name}: cannot write {path}: {first_line(done.stderr) or done.returncode}")
+
     def open_tunnel(self, cluster_name: str, *, remote_host: str, remote_port: int,
                     local_port: int = 0, timeout: float = 60.0) -> Tunnel:
         """Forward 127.0.0.1:local_port (0: a free one) to remote_host:remote_port as seen from the head."""

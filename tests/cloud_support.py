@@ -347,6 +347,9 @@ class FakeSky:
         self._record("read_head_file", cluster_name=cluster_name, path=path)
         return self.vm.cert_pem
 
+    def write_head_file(self, cluster_name: str, path: str, data: str) -> None:
+        self._record("write_head_file", cluster_name=cluster_name, path=path, data=data)
+
     def open_tunnel(self, cluster_name: str, *, remote_host: str, remote_port: int, local_port: int = 0,
                     timeout: float = 60.0) -> Tunnel:
         self._record("open_tunnel", cluster_name=cluster_name, remote_host=remote_host, remote_port=remote_port,

@@ -23,7 +23,7 @@ from mistral_deploy.cloud import CloudBackend, ServeBackend, backend_for_kind
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
 from mistral_deploy.recipe import Overrides, Recipe, load_recipe, validate_recipe_data
 from mistral_deploy.gateway import key_hash
-from mistral_deploy.render import HF_TOKEN_SECRET, KEY_HASHES_SECRET, PROBE_KEY_SECRET
+from mistral_deploy.render import HF_TOKEN_FILE, HF_TOKEN_SECRET, KEY_HASHES_SECRET, PROBE_KEY_SECRET
 from mistral_deploy.state import StateStore
 
 # the readiness probe is mistral_deploy.probe (written beside the local backend)
@@ -116,15 +116,18 @@ def test_up_public_launches_with_secrets_pins_the_vm_certificate_and_probes(fake
     deployment = CloudBackend().up(recipe, store, progress)
 
     # launch, then the job's log (phases), the VM's certificate once setup is done, the opened port
-    assert fake.names() == ["offered_gpus", "launch", "hourly_price", "tail_job", "read_head_file", "endpoint"]
+    assert fake.names() == ["offered_gpus", "launch", "hourly_price", "tail_job", "write_head_file",
+                            "read_head_file", "endpoint"]
     launch = next(c for c in fake.calls if c.method == "launch")
     keys = store.read_api_keys(recipe.name)
     assert len(keys) == 1
-    # the API keys and the HF token go as SkyPilot secrets; the rendered task keeps them null
-    # the VM receives the key's hash, never the key
-    assert launch.args["secrets"] == {KEY_HASHES_SECRET: f"key-1:{key_hash(keys[0])}", HF_TOKEN_SECRET: HF}
-    assert keys[0] not in str(launch.args)
-    assert launch.args["task_config"]["secrets"] == {KEY_HASHES_SECRET: None, HF_TOKEN_SECRET: None}
+    # the VM receives the key's hash, never the key; the Hugging Face token is no SkyPilot secret: it is
+    # written over SSH into a 0600 file once the job runs
+    assert launch.args["secrets"] == {KEY_HASHES_SECRET: f"key-1:{key_hash(keys[0])}"}
+    assert keys[0] not in str(launch.args) and HF not in str(launch.args)
+    written = [c for c in fake.calls if c.method == "write_head_file"]
+    assert [(c.args["path"], c.args["data"]) for c in written] == [(HF_TOKEN_FILE, f"HF_TOKEN={HF}\n")]
+    assert launch.args["task_config"]["secrets"] == {KEY_HASHES_SECRET: None}
     assert "envs" not in launch.args["task_config"] or KEY_HASHES_SECRET not in launch.args["task_config"]["envs"]
     assert launch.args["cluster_name"] == "md-mistral-7b-instruct"
     assert launch.args["global_config"] == {}

@@ -292,6 +292,15 @@ def test_a_gated_model_is_downloaded_with_the_token_and_served_without_it(testbe
         assert status["healthy"] is True
         logs = bed_client.cli("logs", name, "-n", "500")
         assert HF not in logs.stdout + logs.stderr + up.stdout + up.stderr
+        # the token went over SSH into a 0600 file the run script deleted after the download: it is in no
+        # file (the node's, SkyPilot's records and its API server's database), no process's arguments or
+        # environment, not even SkyPilot's runtime's
+        roots = [testbed.dir / "home", Path("/tmp"), Path(bed_client.env["HOME"]),
+                 Path(bed_client.env["SKY_RUNTIME_DIR"]), Path(bed_client.env["MISTRAL_DEPLOY_HOME"])]
+        assert [p for p in roots[0].rglob("hf-token.env*")] == []
+        assert files_holding(HF, roots) == []
+        assert secret_in_process_arguments(HF, anywhere=True) == []
+        assert secret_in_process_environments(HF) == []
     finally:
         assert bed_client.cli("down", name).returncode == 0
         testbed.clean()

@@ -243,6 +243,8 @@ class CloudBackend(_CloudBase):
         check_gpus_offered(recipe, sdk)
         # so is a missing HF_TOKEN; a single VM gets it over SSH once its job runs, not as a SkyPilot secret
         hf_token = launch_secrets(recipe).get(HF_TOKEN_SECRET)
+        # and out of this process's environment, which a SkyPilot API server started from here would inherit
+        os.environ.pop(HF_TOKEN_SECRET, None)
         secrets: dict[str, str] = {}
         cluster_name = resource_name(recipe.name)
         mode = recipe.network.mode

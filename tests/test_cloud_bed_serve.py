@@ -199,10 +199,13 @@ def test_skyserve_load_balancer_in_front_of_two_real_replicas(service: dict[str,
             assert http.get(endpoint.removesuffix("/v1") + "/metrics",
                             headers={"Authorization": f"Bearer {KEYS[0]}"}).status_code == 404
         # both replicas served (SkyServe's least-load policy spreads the requests), as their own logs say
-        served = []
-        for vm in service["vms"]:
-            log = "\n".join(vm.run_output)
-            served.append(log.count('"POST /v1/chat/completions" 200'))
+        deadline = time.monotonic() + 10  # the gateways flush their access logs once a second
+        while True:
+            served = [sum(line.count('"POST /v1/chat/completions" 200') for line in list(vm.run_output))
+                      for vm in service["vms"]]
+            if sum(served) >= 6 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert all(n >= 1 for n in served) and sum(served) == 6, served
         deadline = time.monotonic() + 40  # the load balancer reports its requests at its next sync
         while controller.requests_counted() < 9 and time.monotonic() < deadline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import stat
 import signal
 import socket
@@ -30,7 +31,8 @@ from local_support import assert_gone, port_free
 from testbed import Bed, BedClient, bed_client, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.testbed
-HF = "hf_bedtest_not_a_real_token_0123456789"
+# made per run: the tests search files for it, and this file (or its checkout under /tmp) must not count
+HF = "hf_bedtest_" + secrets.token_hex(16)
 
 
 def write_recipe(path: Path, name: str, **changes: Any) -> Path:

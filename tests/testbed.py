@@ -140,6 +140,10 @@ class Bed:
         while time.monotonic() < deadline and (self.slurm_jobs() or self.node_processes()):
             time.sleep(0.5)
         subprocess.run(["pkill", "-9", "-u", self.node_user], capture_output=True)
+        # SkyPilot's Slurm runtime keeps each cluster's home (its Hugging Face cache...) after `down`: a
+        # later test must start from nothing, as on a fresh VM
+        for home in (self.dir / "home" / ".sky_clusters").glob("md-*"):
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @dataclass

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from mistral_deploy import engine, processes
 from mistral_deploy.errors import EngineError, MistralDeployError, NotReadyError
 from mistral_deploy.failures import explain
-from mistral_deploy.gateway import (GatewayLayout, hashes_for, listen_host_for, render_gateway_config,
-                                    render_keys_map)
+from mistral_deploy.gateway import (NGINX_MODULES_DIR, GatewayLayout, hashes_for, listen_host_for,
+                                    render_gateway_config, render_keys_map)
 from mistral_deploy.keys import generate_api_key, generate_tls, hf_token_secret, write_private
 from mistral_deploy.processes import ProcessRef
 from mistral_deploy.render import engine_args
@@ -66,10 +66,8 @@ def find_nginx() -> str:
     return path
 
 
-def require_njs(nginx: str) -> None:
+def require_njs() -> None:
     """The gateway hashes keys and checks request bodies in nginx's njs module (gateway.js)."""
-    from mistral_deploy.gateway import NGINX_MODULES_DIR
-
     if not (Path(NGINX_MODULES_DIR) / "ngx_http_js_module.so").is_file():
         raise EngineError(f"nginx's njs module (the gateway's key and limit checks) is not installed in "
                           f"{NGINX_MODULES_DIR}", hint="install it: sudo apt-get install libnginx-mod-http-js "
@@ -115,7 +113,7 @@ class LocalBackend:
     # ---------------------------------------------------------------------------------------------- up
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
         nginx = find_nginx()
-        require_njs(nginx)
+        require_njs()
         python = engine.engine_python()
         hf_env = hf_token_secret(recipe)  # a missing token is reported before anything exists
         mode = recipe.network.mode
@@ -159,7 +157,7 @@ class LocalBackend:
             env = self._engine_env(recipe, Path(tmpdir), hf_env)
             argv = [python, "-m", "vllm.entrypoints.openai.api_server",
                     *engine_args(recipe, model=model, socket=engine_socket)]
-            engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory, rotate=True)
+            engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory)
             deployment.details["engine"] = engine_ref.to_json()
             store.save(deployment)
 
@@ -269,7 +267,7 @@ class LocalBackend:
         gw = directory / GATEWAY_DIR
         argv = [nginx, "-p", str(gw), "-e", layout.error_log, "-c", str(gw / "nginx.conf"), "-g", "daemon off;"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")}
-        ref = processes.spawn(argv, env=env, log=gw / "access.log", err_log=gw / "error.log", cwd=gw, rotate=True)
+        ref = processes.spawn(argv, env=env, log=gw / "access.log", err_log=gw / "error.log", cwd=gw)
         started.append(ref)
         deadline = time.monotonic() + GATEWAY_START_TIMEOUT
         pid_file = Path(layout.pid_file)

@@ -67,31 +67,29 @@ LOG_MAX_BYTES = 50 * 1024 * 1024
 LOG_BACKUPS = 2
 
 
-def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path, err_log: Optional[Path] = None,
-          rotate: bool = False) -> ProcessRef:
+def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path,
+          err_log: Optional[Path] = None) -> ProcessRef:
     """Start a detached process (its own session: Ctrl-C in the terminal does not reach it), its output
     appended to `log` (its standard error to `err_log` if given).
 
-    rotate: the output goes through a pipe to a `mistral_deploy.logpipe` process of the same process group,
-    which keeps the log files within LOG_MAX_BYTES each and ends with the process."""
+    The output goes through a pipe to a `mistral_deploy.logpipe` process of the same process group, which
+    keeps the log files within LOG_MAX_BYTES each and ends with the process."""
     targets = [log] if err_log is None else [log, err_log]
-    if not rotate:
-        files = [open(target, "ab") for target in targets]
-        outputs = files
-    else:
-        pipes = [os.pipe() for _ in targets]
-        outputs = [w for _, w in pipes]
+    pipes = [os.pipe() for _ in targets]
     try:
         proc = subprocess.Popen(
-            list(argv), env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=outputs[0],
-            stderr=outputs[1] if len(outputs) > 1 else subprocess.STDOUT, start_new_session=True, close_fds=True,
+            list(argv), env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=pipes[0][1],
+            stderr=pipes[1][1] if len(pipes) > 1 else subprocess.STDOUT, start_new_session=True, close_fds=True,
         )
+    except BaseException:
+        for read_end, _ in pipes:
+            os.close(read_end)
+        raise
     finally:
-        for output in outputs:
-            output.close() if not isinstance(output, int) else os.close(output)
-    if rotate:
-        for (read_end, _), target in zip(pipes, targets):
-            _start_logpipe(read_end, target, proc.pid)
+        for _, write_end in pipes:
+            os.close(write_end)
+    for (read_end, _), target in zip(pipes, targets):
+        _start_logpipe(read_end, target, proc.pid)
     stat = _stat(proc.pid)
     # the Popen object is dropped: the process outlives the CLI; alive() reaps it if it is our child
     proc.returncode = 0  # keeps Popen.__del__ from warning about a running child

@@ -18,6 +18,8 @@ as the CA clients pin.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
 import threading
@@ -48,6 +50,7 @@ from mistral_deploy.skysdk import ClusterInfo, ServiceInfo, SkySdk, Tunnel, free
 from mistral_deploy.state import Deployment
 
 if TYPE_CHECKING:
+    from mistral_deploy.converge import Plan
     from mistral_deploy.progress import Progress
     from mistral_deploy.recipe import Recipe
     from mistral_deploy.state import StateStore
@@ -250,8 +253,7 @@ class CloudBackend(_CloudBase):
         mode = recipe.network.mode
         deployment = self._reserve(recipe, store, {"cluster": cluster_name, "network": mode,
                                                    "last_phase": "provisioning"})
-        job_log: Optional[_JobLog] = None
-        tunnel: Optional[Tunnel] = None
+        held: dict[str, Any] = {}  # the job log's follower and the tunnel, closed at the end
 
         lock = threading.Lock()  # phases come from the job-log thread and from the probe
 
@@ -262,8 +264,9 @@ class CloudBackend(_CloudBase):
                 progress.phase(name, detail)
 
         try:
-            keys = [generate_api_key() for _ in range(recipe.auth.keys)]
-            store.write_api_keys(recipe.name, keys)
+            keys = {f"key-{n}": generate_api_key() for n in range(1, recipe.auth.keys + 1)}
+            store.write_keys(recipe.name, keys)
+            deployment.details["key_created"] = {key_id: deployment.created_at for key_id in keys}
             # the VM receives only the keys' hashes: nothing SkyPilot stores or ships can call the endpoint
             secrets[KEY_HASHES_SECRET] = hashes_secret(hashes_for(keys))
             where = ", then ".join(recipe.resources.clouds) or "the cheapest enabled cloud"
@@ -289,44 +292,14 @@ class CloudBackend(_CloudBase):
             deployment.details["launch_seconds"] = round(time.monotonic() - launch_started, 2)
             cluster = result.cluster
             price = sdk.hourly_price(cluster)
-            deployment.details.update(_cluster_details(cluster), job_id=result.job_id, hourly_price=price)
+            deployment.details.update(_cluster_details(cluster), job_id=result.job_id, hourly_price=price,
+                                      ends_at=time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None)
             store.save(deployment)
             if deployment.details["last_phase"] == "provisioning":
                 phase("setup", f"{cluster.instance_type or ''} in {cluster.cloud}/{cluster.region}".strip())
 
-            job_log = _JobLog(lambda name, detail: phase(name, detail))
-            job_id = result.job_id
-            job_log.follow(lambda: sdk.tail_job(cluster_name, job_id, follow=True, stop=job_log.stop),
-                           lambda: sdk.job_finished(cluster_name, job_id))
-            deadline = time.monotonic() + recipe.health.readiness_timeout
-            # the gateway and its certificate exist once setup is done and the run script has started
-            started = job_log.wait_for(_RUN_PHASES, deadline)
-            if not started and job_log.failed is None:
-                raise NotReadyError(f"setup did not finish on {cluster_name}", log_tail=job_log.tail())
-            if hf_token:
-                # the run script waits for it (phase weights-download), hands it to the download container
-                # and deletes it; it never passes through SkyPilot
-                sdk.write_head_file(cluster_name, HF_TOKEN_FILE, f"{HF_TOKEN_SECRET}={hf_token}\n")
-            tls = vm_gateway_tls(recipe)
-            if tls:
-                pem = self._vm_certificate(cluster_name, started, deadline)
-                deployment.tls_ca = self._store_ca(store, recipe.name, pem)
-
-            endpoint, tunnel = self._connect(recipe, cluster, tls)
-            if mode == "private":
-                deployment.details["tunnel_port"] = tunnel.local_port if tunnel else None
-            deployment.endpoint = endpoint
-            store.save(deployment)
-
-            from mistral_deploy import probe
-
-            probe.wait_ready(
-                endpoint, keys[0], recipe.served_model_name, ca_file=deployment.tls_ca,
-                timeout=max(1.0, deadline - time.monotonic()), interval=recipe.health.probe_interval,
-                alive=job_log.alive, task=recipe.model.task,
-                # the job's log says how far the engine is; the probe's first step only says it is probing
-                on_phase=lambda name: name != probe.STEP_HEALTH and phase(name),
-            )
+            self._until_ready(recipe, deployment, store, cluster, result.job_id, hf_token,
+                              next(iter(keys.values())), phase, held)
             deployment.phase = "ready"
             deployment.details["last_phase"] = "ready"
             deployment.details.update(phases=clock.times(), up_seconds=clock.total())
@@ -334,7 +307,7 @@ class CloudBackend(_CloudBase):
             progress.done(_ready_message(deployment))
             return deployment
         except NotReadyError as exc:
-            tail = exc.log_tail or (job_log.tail() if job_log else "") or self._log_tail(deployment)
+            tail = exc.log_tail or (held["job_log"].tail() if "job_log" in held else "") or self._log_tail(deployment)
             message = explain(tail) or exc.message
             deployment.details.update(phases=clock.times(), up_seconds=clock.total())
             self._fail(deployment, store, message)
@@ -357,10 +330,263 @@ class CloudBackend(_CloudBase):
             self._fail(deployment, store, f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            if job_log is not None:
-                job_log.close()
+            _close(held)
+
+    def _until_ready(self, recipe: "Recipe", deployment: Deployment, store: "StateStore", cluster: ClusterInfo,
+                     job_id: Optional[int], hf_token: Optional[str], key: str, phase: Callable[..., None],
+                     held: dict[str, Any]) -> None:
+        """From a submitted serving job to an endpoint that answers: follow the job's log for its phases,
+        hand over the Hugging Face token, fetch and pin the VM's certificate, connect (a tunnel in private
+        mode), probe. `held` gets the job log follower and the tunnel, for the caller to close."""
+        sdk = self.sdk
+        cluster_name = cluster.name
+        job_log = held["job_log"] = _JobLog(lambda name, detail: phase(name, detail))
+        job_log.follow(lambda: sdk.tail_job(cluster_name, job_id, follow=True, stop=job_log.stop),
+                       lambda: sdk.job_finished(cluster_name, job_id))
+        deadline = time.monotonic() + recipe.health.readiness_timeout
+        # the gateway and its certificate exist once setup is done and the run script has started
+        started = job_log.wait_for(_RUN_PHASES, deadline)
+        if not started and job_log.failed is None:
+            raise NotReadyError(f"setup did not finish on {cluster_name}", log_tail=job_log.tail())
+        if hf_token:
+            # the run script waits for it (phase weights-download), hands it to the download container
+            # and deletes it; it never passes through SkyPilot
+            sdk.write_head_file(cluster_name, HF_TOKEN_FILE, f"{HF_TOKEN_SECRET}={hf_token}\n")
+        tls = vm_gateway_tls(recipe)
+        if tls:
+            pem = self._vm_certificate(cluster_name, started, deadline)
+            deployment.tls_ca = self._store_ca(store, recipe.name, pem)
+
+        endpoint, tunnel = self._connect(recipe, cluster, tls, deployment.details.get("tunnel_port"))
+        held["tunnel"] = tunnel
+        if recipe.network.mode == "private":
+            deployment.details["tunnel_port"] = tunnel.local_port if tunnel else None
+        deployment.endpoint = endpoint
+        store.save(deployment)
+
+        from mistral_deploy import probe
+
+        probe.wait_ready(
+            endpoint, key, recipe.served_model_name, ca_file=deployment.tls_ca,
+            timeout=max(1.0, deadline - time.monotonic()), interval=recipe.health.probe_interval,
+            alive=job_log.alive, task=recipe.model.task,
+            # the job's log says how far the engine is; the probe's first step only says it is probing
+            on_phase=lambda name: name != probe.STEP_HEALTH and phase(name),
+        )
+
+    # ------------------------------------------------------------------------------ changes in place
+    def apply(self, deployment: Deployment, recipe: "Recipe", plan: "Plan", store: "StateStore",
+              progress: "Progress") -> Deployment:
+        """Take a running deployment to `recipe` the cheapest way (converge.Plan): the TTL set again, a
+        gateway reload over SSH, the serving job replaced on the same cluster (same address, keys and
+        certificate), or a new cluster switched to. A serving job that ended is started again too."""
+        details = deployment.details
+        cluster_name = details.get("cluster") or resource_name(deployment.name)
+        sdk = self.sdk
+        info = sdk.cluster(cluster_name, refresh=True)
+        if info is None or info.status != "UP":
+            state = info.status if info else "gone (its TTL, `sky down`, or the cloud removed it)"
+            raise CloudError(f"cluster {cluster_name} is {state}: nothing to change in place",
+                             hint=f"`mistral-deploy down {deployment.name}`, then `mistral-deploy up` again")
+        if plan.needs("new-cluster"):
+            return self._replace(deployment, recipe, store, progress)
+        job_ended = sdk.job_finished(cluster_name, details.get("job_id"))
+        if plan.needs("engine-restart") or job_ended or deployment.phase != "ready":
+            return self._restart_job(deployment, recipe, plan, info, store, progress, job_ended=job_ended)
+        if plan.needs("gateway-reload"):
+            from mistral_deploy.render import render_gateway_reload
+
+            progress.phase("gateway-reload", f"nginx on {cluster_name} re-reads its configuration")
+            sdk.run_on_head(cluster_name, render_gateway_reload(recipe, config=True))
+        if plan.needs("ttl"):
+            self._set_ttl(deployment, recipe.lifetime.ttl, progress)
+        deployment.recipe = recipe.to_yaml_config()
+        store.save(deployment)
+        self._reprobe(deployment, recipe, store, progress)
+        return deployment
+
+    def _reprobe(self, deployment: Deployment, recipe: "Recipe", store: "StateStore", progress: "Progress") -> None:
+        """After a change that restarted nothing: the endpoint still answers an authenticated completion."""
+        from mistral_deploy import probe
+
+        key = next(iter(store.read_keys(deployment.name).values()))
+        tunnel = None
+        endpoint = deployment.endpoint or ""
+        try:
+            if recipe.network.mode == "private":
+                tunnel = self.open_tunnel(deployment, local_port=free_port())
+                endpoint = f"{_scheme(vm_gateway_tls(recipe))}://127.0.0.1:{tunnel.local_port}/v1"
+            probe.wait_ready(endpoint, key, recipe.served_model_name, ca_file=deployment.tls_ca, timeout=60.0,
+                             interval=1.0, task=recipe.model.task)
+        finally:
             if tunnel is not None:
                 tunnel.close()
+        progress.done(_ready_message(deployment))
+
+    def _restart_job(self, deployment: Deployment, recipe: "Recipe", plan: "Plan", cluster: ClusterInfo,
+                     store: "StateStore", progress: "Progress", *, job_ended: bool) -> Deployment:
+        """The serving job holds the GPU: cancel it, then launch the new task on the same cluster (setup
+        runs again and keeps the VM's certificate; the run script gets the same keys' hashes)."""
+        from mistral_deploy.fit import check_fit
+        from mistral_deploy.recipe import LifetimeSpec
+
+        check_fit(recipe)
+        details = deployment.details
+        cluster_name = cluster.name
+        hf_token = launch_secrets(recipe).get(HF_TOKEN_SECRET)
+        os.environ.pop(HF_TOKEN_SECRET, None)
+        # the end time stays where it was unless the TTL itself changed: SkyPilot counts from the launch
+        ends_at = details.get("ends_at")
+        if plan.needs("ttl") or not ends_at:
+            ends_at = time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None
+        left = None if ends_at is None else max(60.0, ends_at - time.time())
+        task_config = render_task(recipe.model_copy(update={"lifetime": LifetimeSpec(ttl=left)}))
+        keys = store.read_keys(deployment.name)
+        secrets = {KEY_HASHES_SECRET: hashes_secret(hashes_for(keys))}
+        if not job_ended:
+            progress.phase("engine-stop", f"cancelling job {details.get('job_id')} on {cluster_name}")
+            self.sdk.cancel_job(cluster_name, details.get("job_id"))
+        deployment.phase = "updating"
+        deployment.recipe = recipe.to_yaml_config()
+        details.pop("error", None)
+        store.save(deployment)
+        held: dict[str, Any] = {}
+        lock = threading.Lock()
+
+        def phase(name: str, detail: str = "") -> None:
+            with lock:
+                details["last_phase"] = name
+                progress.phase(name, detail)
+
+        try:
+            phase("setup", f"the new task on {cluster_name}")
+            result = self.sdk.launch(task_config, cluster_name=cluster_name, secrets=secrets,
+                                     global_config=cloud_config(recipe), on_line=lambda _line: None)
+            details.update(job_id=result.job_id, ends_at=ends_at)
+            store.save(deployment)
+            self._until_ready(recipe, deployment, store, result.cluster, result.job_id, hf_token,
+                              next(iter(keys.values())), phase, held)
+        except NotReadyError as exc:
+            tail = exc.log_tail or (held["job_log"].tail() if "job_log" in held else "")
+            message = explain(tail) or exc.message
+            self._fail(deployment, store, message)
+            raise NotReadyError(message, log_tail=tail,
+                                hint=f"fix the recipe and `mistral-deploy up` again; `mistral-deploy logs "
+                                     f"{deployment.name}` has the job's log") from None
+        except KeyboardInterrupt:
+            self._interrupted(deployment, store, progress, f"cluster {cluster_name}")
+            raise
+        except MistralDeployError as exc:
+            self._fail(deployment, store, exc.message)
+            raise
+        finally:
+            _close(held)
+        deployment.phase = "ready"
+        details["last_phase"] = "ready"
+        store.save(deployment)
+        progress.done(_ready_message(deployment))
+        return deployment
+
+    def _replace(self, deployment: Deployment, recipe: "Recipe", store: "StateStore",
+                 progress: "Progress") -> Deployment:
+        """Another GPU, cloud, region or network: a new cluster with the same keys, ready before the switch;
+        then the record points at it and the old cluster is removed. The old one serves until then."""
+        from mistral_deploy.fit import check_fit
+
+        check_fit(recipe)
+        task_config = render_task(recipe)
+        sdk = self.sdk
+        check_launchable(recipe, sdk)
+        check_gpus_offered(recipe, sdk)
+        hf_token = launch_secrets(recipe).get(HF_TOKEN_SECRET)
+        os.environ.pop(HF_TOKEN_SECRET, None)
+        details = deployment.details
+        old_cluster = details["cluster"]
+        generation = int(details.get("generation", 1)) + 1
+        new_cluster = f"{resource_name(deployment.name)}-{generation}"
+        details["next_cluster"] = new_cluster  # `down` removes it too, should this be interrupted
+        store.save(deployment)
+        keys = store.read_keys(deployment.name)
+        staged = Deployment(name=deployment.name, backend=self.kind, recipe=recipe.to_yaml_config(),
+                            created_at=deployment.created_at,
+                            details={"cluster": new_cluster, "network": recipe.network.mode,
+                                     "generation": generation, "key_created": details.get("key_created", {})})
+        staging = _StagingStore(store, deployment.name)
+        held: dict[str, Any] = {}
+
+        def phase(name: str, detail: str = "") -> None:
+            progress.phase(name, detail)
+
+        try:
+            phase("provisioning", f"{new_cluster}: the new cluster")
+            result = sdk.launch(task_config, cluster_name=new_cluster,
+                                secrets={KEY_HASHES_SECRET: hashes_secret(hashes_for(keys))},
+                                global_config=cloud_config(recipe), on_line=lambda _line: None)
+            staged.details.update(_cluster_details(result.cluster), job_id=result.job_id,
+                                  hourly_price=sdk.hourly_price(result.cluster),
+                                  ends_at=time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None)
+            self._until_ready(recipe, staged, staging, result.cluster, result.job_id, hf_token,
+                              next(iter(keys.values())), phase, held)
+        except BaseException as exc:
+            # the old cluster still serves: the new one goes, the record stays as it was
+            with contextlib.suppress(MistralDeployError):
+                sdk.down(new_cluster)
+            details.pop("next_cluster", None)
+            with contextlib.suppress(MistralDeployError):
+                store.save(deployment)
+            if isinstance(exc, MistralDeployError):
+                exc.hint = f"{deployment.name} still serves from {old_cluster}, unchanged"
+            raise
+        finally:
+            _close(held)
+        if staged.tls_ca:
+            staged.tls_ca = staging.promote_ca()
+        old_endpoint = deployment.endpoint
+        staged.phase = "ready"
+        staged.details["last_phase"] = "ready"
+        store.save(staged)
+        progress.phase("teardown", f"sky down {old_cluster} (the old cluster)")
+        try:
+            sdk.down(old_cluster)
+        except MistralDeployError as exc:
+            progress.phase("teardown", f"{old_cluster} could not be removed ({exc.message}); `sky down {old_cluster}`")
+        progress.done(f"{deployment.name} moved to {new_cluster}: the endpoint was {old_endpoint}, it is now "
+                      f"{staged.endpoint}")
+        return staged
+
+    def _set_ttl(self, deployment: Deployment, ttl: Optional[float], progress: "Progress") -> None:
+        cluster_name = deployment.details["cluster"]
+        minutes = None if ttl is None else max(1, math.ceil(ttl / 60))
+        progress.phase("ttl", f"{cluster_name} ends in {minutes} min" if minutes else f"{cluster_name}: no end time")
+        self.sdk.autostop(cluster_name, minutes)
+        deployment.details["ends_at"] = None if minutes is None else time.time() + minutes * 60
+
+    def apply_keys(self, deployment: Deployment, keys: dict[str, str], store: "StateStore",
+                   progress: "Progress") -> None:
+        """The VM's gateway holds exactly `keys` (their hashes) from now on: written over SSH, then a reload."""
+        from mistral_deploy.render import render_gateway_reload
+
+        cluster_name = deployment.details["cluster"]
+        progress.phase("gateway-reload", f"the keys of {cluster_name}'s gateway")
+        sdk_script = render_gateway_reload(deployment.recipe_model(), config=False, hashes=hashes_for(keys))
+        self.sdk.run_on_head(cluster_name, sdk_script)
+
+    def set_ttl(self, deployment: Deployment, ttl: Optional[float], store: "StateStore", progress: "Progress") -> None:
+        """`mistral-deploy ttl NAME 2h`: the cluster ends `ttl` seconds from now (None: never)."""
+        info = self.sdk.cluster(deployment.details["cluster"], refresh=True)
+        if info is None:
+            raise CloudError(f"cluster {deployment.details['cluster']} no longer exists",
+                             hint=f"`mistral-deploy down {deployment.name}` removes the record")
+        self._set_ttl(deployment, ttl, progress)
+        recipe = deployment.recipe_model()
+        data = recipe.to_yaml_config()
+        data.setdefault("lifetime", {})
+        if ttl is None:
+            data["lifetime"].pop("ttl", None)
+        else:
+            data["lifetime"]["ttl"] = int(ttl)
+        deployment.recipe = data
+        store.save(deployment)
 
     def _vm_certificate(self, cluster_name: str, started: bool, deadline: float) -> str:
         """The gateway's certificate, made by the setup script: read once the run script has started
@@ -387,8 +613,10 @@ class CloudBackend(_CloudBase):
             self._fail(deployment, store, exc.message)
             exc.hint = exc.hint or f"`mistral-deploy down {deployment.name}` removes the partly created cluster"
 
-    def _connect(self, recipe: "Recipe", cluster: ClusterInfo, tls: bool) -> tuple[str, Optional[Tunnel]]:
-        """The endpoint URL to probe (and, in private mode, the tunnel that carries it)."""
+    def _connect(self, recipe: "Recipe", cluster: ClusterInfo, tls: bool,
+                 local_port: Optional[int] = None) -> tuple[str, Optional[Tunnel]]:
+        """The endpoint URL to probe (and, in private mode, the tunnel that carries it: on `local_port`
+        when given and free, so that a change applied in place keeps the endpoint's URL)."""
         port = recipe.network.port
         scheme = _scheme(tls)
         mode = recipe.network.mode
@@ -399,7 +627,12 @@ class CloudBackend(_CloudBase):
             if not host:
                 raise CloudError(f"SkyPilot reports no private address for {cluster.name}")
             return f"{scheme}://{host}:{port}/v1", None
-        tunnel = self.sdk.open_tunnel(cluster.name, remote_host="127.0.0.1", remote_port=port)
+        from mistral_deploy.skysdk import port_open
+
+        if local_port and port_open("127.0.0.1", local_port):
+            local_port = None  # taken (`mistral-deploy tunnel` may hold it): another one
+        tunnel = self.sdk.open_tunnel(cluster.name, remote_host="127.0.0.1", remote_port=port,
+                                      local_port=local_port or 0)
         return f"{scheme}://127.0.0.1:{tunnel.local_port}/v1", tunnel
 
     def open_tunnel(self, deployment: Deployment, *, local_port: Optional[int] = None) -> Tunnel:
@@ -422,6 +655,10 @@ class CloudBackend(_CloudBase):
 
     def down(self, deployment: Deployment, store: "StateStore", progress: "Progress") -> None:
         cluster = deployment.details.get("cluster")
+        following = deployment.details.get("next_cluster")  # a move to a new cluster was interrupted
+        if following:
+            progress.phase("teardown", f"sky down {following}")
+            self.sdk.down(following)
         if cluster:
             progress.phase("teardown", f"sky down {cluster}")
             self.sdk.down(cluster)
@@ -447,6 +684,11 @@ class CloudBackend(_CloudBase):
                 healthy = self._probe_through_tunnel(deployment)
             else:
                 healthy = self._probe(deployment.endpoint, deployment.tls_ca)
+            if not healthy and self._job_ended(cluster_name, details.get("job_id")):
+                # drift: the cluster runs, the serving job (engine and gateway) does not
+                phase, problem = "down", (f"the serving job on {cluster_name} ended (the engine or the gateway "
+                                          f"stopped): `mistral-deploy logs {deployment.name}` says why; "
+                                          f"`mistral-deploy up` with the same recipe starts it again")
         elif deployment.phase == "ready" and cluster_status == "missing":
             # the record says ready, the cloud has no cluster: its TTL ended it, or it was removed by hand
             phase, problem = "gone", (f"cluster {cluster_name} no longer exists (its TTL, `sky down`, or the cloud "
@@ -475,12 +717,21 @@ class CloudBackend(_CloudBase):
             "spot": details.get("use_spot"),
             "hourly_price": details.get("hourly_price"),
             "autostop_minutes": info.autostop_minutes if info else None,
+            "ends_at": details.get("ends_at"),
+            "time_left_seconds": max(0, round(details["ends_at"] - time.time())) if details.get("ends_at") else None,
+            "cost_so_far": cost_so_far(deployment),
             "tls_ca": deployment.tls_ca,
             "phases": details.get("phases"),
         }
         if problem or deployment.phase == "failed":
             row["error"] = problem or details.get("error")
         return row
+
+    def _job_ended(self, cluster_name: str, job_id: Optional[int]) -> bool:
+        try:
+            return self.sdk.job_finished(cluster_name, job_id)
+        except CloudError:
+            return False  # cannot tell
 
     def _probe_through_tunnel(self, deployment: Deployment) -> bool:
         """A private endpoint: probe over a tunnel of our own, or over `mistral-deploy tunnel` if it runs."""
@@ -518,14 +769,7 @@ class ServeBackend(_CloudBase):
         from mistral_deploy.fit import check_fit
 
         check_fit(recipe)
-        if recipe.lifetime.ttl:
-            raise RecipeError(
-                "lifetime.ttl: a SkyServe service would relaunch replicas that autostop; "
-                "remove --ttl, or deploy one VM without replicas")
-        if set(recipe.network.allow) != {"0.0.0.0/0", "::/0"}:
-            raise RecipeError(
-                "network.allow: SkyServe's load balancer does not pass client addresses to replicas, so a "
-                "service cannot restrict source CIDRs; deploy one VM (no replicas) to restrict them")
+        self._check_service(recipe)
         task_config = render_task(recipe)
         sdk = self.sdk
         check_launchable(recipe, sdk)
@@ -541,8 +785,9 @@ class ServeBackend(_CloudBase):
                 progress.phase(name, detail)
 
         try:
-            keys = [generate_api_key() for _ in range(recipe.auth.keys)]
-            store.write_api_keys(recipe.name, keys)
+            keys = {f"key-{n}": generate_api_key() for n in range(1, recipe.auth.keys + 1)}
+            store.write_keys(recipe.name, keys)
+            deployment.details["key_created"] = {key_id: deployment.created_at for key_id in keys}
             # SkyServe's readiness probe sends its own key, from the service spec: the gateway lets it ask
             # for one token, at a low rate, and nothing else (gateway.js); revoked by its id, `probe`
             probe_key = generate_api_key()
@@ -587,7 +832,7 @@ class ServeBackend(_CloudBase):
             from mistral_deploy import probe
 
             probe.wait_ready(
-                deployment.endpoint, keys[0], recipe.served_model_name, ca_file=deployment.tls_ca,
+                deployment.endpoint, next(iter(keys.values())), recipe.served_model_name, ca_file=deployment.tls_ca,
                 timeout=float(recipe.health.readiness_timeout), interval=recipe.health.probe_interval,
                 alive=self._alive_check(service_name, phase), on_phase=lambda name: phase(name),
                 task=recipe.model.task,
@@ -621,6 +866,56 @@ class ServeBackend(_CloudBase):
         except BaseException as exc:
             self._fail(deployment, store, f"{type(exc).__name__}: {exc}")
             raise
+
+    # ------------------------------------------------------------------------------ changes in place
+    def apply(self, deployment: Deployment, recipe: "Recipe", plan: "Plan", store: "StateStore",
+              progress: "Progress") -> Deployment:
+        """Every change of a service goes through `sky serve update` (rolling): SkyServe replaces the
+        replicas one at a time, the load balancer keeps serving from the others."""
+        self._check_service(recipe)
+        self._update(deployment, recipe, store.read_keys(deployment.name), store, progress)
+        deployment.recipe = recipe.to_yaml_config()
+        store.save(deployment)
+        return deployment
+
+    def apply_keys(self, deployment: Deployment, keys: dict[str, str], store: "StateStore",
+                   progress: "Progress") -> None:
+        """Replicas get their keys' hashes as a SkyPilot secret: a new key set is a rolling update. A revoked
+        key is refused by each replica once it is replaced (minutes, not the second of a single VM)."""
+        self._update(deployment, deployment.recipe_model(), keys, store, progress)
+
+    def _update(self, deployment: Deployment, recipe: "Recipe", keys: dict[str, str], store: "StateStore",
+                progress: "Progress") -> None:
+        from mistral_deploy.fit import check_fit
+
+        check_fit(recipe)
+        service_name = deployment.details["service"]
+        task_config = render_task(recipe)
+        tls_dir = store.dir(deployment.name) / "service-tls"
+        if recipe.tls_enabled and (tls_dir / "key.pem").is_file():
+            # the same certificate: clients keep the file they pinned
+            task_config["service"]["tls"] = {"keyfile": str(tls_dir / "key.pem"), "certfile": str(tls_dir / "cert.pem")}
+        admit_load_balancer(task_config, [deployment.details.get("load_balancer") or NO_ADDRESS_YET])
+        probe_key = generate_api_key()  # the new version's readiness probe gets a key of its own
+        secrets = {**launch_secrets(recipe),
+                   KEY_HASHES_SECRET: hashes_secret({**hashes_for(keys), PROBE_KEY_ID: key_hash(probe_key)}),
+                   PROBE_KEY_SECRET: probe_key}
+        progress.phase("service-update", f"sky serve update {service_name} (rolling)")
+        self.sdk.serve_update(task_config, service_name=service_name, secrets=secrets,
+                              global_config=cloud_config(recipe))
+        progress.done(f"{deployment.name}: update submitted; SkyServe replaces the replicas one at a time "
+                      f"(`mistral-deploy status {deployment.name}` shows them)")
+
+    @staticmethod
+    def _check_service(recipe: "Recipe") -> None:
+        if recipe.lifetime.ttl:
+            raise RecipeError(
+                "lifetime.ttl: a SkyServe service would relaunch replicas that autostop; "
+                "remove --ttl, or deploy one VM without replicas")
+        if set(recipe.network.allow) != {"0.0.0.0/0", "::/0"}:
+            raise RecipeError(
+                "network.allow: SkyServe's load balancer does not pass client addresses to replicas, so a "
+                "service cannot restrict source CIDRs; deploy one VM (no replicas) to restrict them")
 
     def _controller_host(self) -> Optional[str]:
         try:
@@ -729,6 +1024,42 @@ class ServeBackend(_CloudBase):
         if replica is None:
             return iter(())
         return self.sdk.serve_logs(service, replica_id=replica, follow=follow, lines=lines)
+
+
+def cost_so_far(deployment: Deployment) -> Optional[float]:
+    """Dollars since the deployment was created, at its hourly price (None where there is no price list)."""
+    price = deployment.details.get("hourly_price")
+    if not isinstance(price, (int, float)) or price <= 0:
+        return None
+    return round(price * (time.time() - deployment.created_at) / 3600, 2)
+
+
+class _StagingStore:
+    """What `_until_ready` saves while a new cluster is made ready: nothing in the record (it still names
+    the old cluster), the new certificate beside the pinned one until the switch."""
+
+    def __init__(self, store: "StateStore", name: str) -> None:
+        self._store, self._name = store, name
+
+    def dir(self, name: str) -> Any:
+        return self._store.dir(name) / "next"
+
+    def save(self, deployment: Deployment) -> None:
+        pass
+
+    def promote_ca(self) -> str:
+        """The new cluster's certificate becomes the pinned file (same path: clients' settings hold)."""
+        target = self._store.dir(self._name) / CA_FILE
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(self.dir(self._name) / CA_FILE, target)
+        return str(target)
+
+
+def _close(held: dict[str, Any]) -> None:
+    if held.get("job_log") is not None:
+        held["job_log"].close()
+    if held.get("tunnel") is not None:
+        held["tunnel"].close()
 
 
 def _cluster_details(cluster: ClusterInfo) -> dict[str, Any]:

@@ -141,8 +141,20 @@ def render_keys_map(hashes: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hashes_for(keys: list[str]) -> dict[str, str]:
-    return {key_id: key_hash(key) for key_id, key in zip(key_ids(keys), keys)}
+def hashes_for(keys: "list[str] | dict[str, str]") -> dict[str, str]:
+    """{id: hash} of a deployment's keys: {id: key} as recorded, or a list (ids key-1, key-2, ...)."""
+    named = keys if isinstance(keys, dict) else dict(zip(key_ids(keys), keys))
+    return {key_id: key_hash(key) for key_id, key in named.items()}
+
+
+def check_key_id(key_id: str) -> str:
+    """A key id someone chose (`keys add --id`): what the gateway's map and logs can hold."""
+    if not _KEY_ID_RE.match(key_id) or key_id == PROBE_KEY_ID:
+        from mistral_deploy.errors import RecipeError
+
+        raise RecipeError(f"--id: {key_id!r} is not a key id: 1-40 of a-z, 0-9 and '-', starting with a letter "
+                          f"or digit (and not {PROBE_KEY_ID!r})")
+    return key_id
 
 
 def hashes_secret(hashes: dict[str, str]) -> str:

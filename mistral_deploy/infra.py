@@ -54,7 +54,7 @@ def check_launchable(recipe: "Recipe", sdk: "SkySdk") -> None:
         needs["spot_instance"] = "resources.spot: {cloud} has no spot instances ({reason}); use --on-demand"
     if recipe.lifetime.ttl:
         needs["autodown"] = ("lifetime.ttl: {cloud} cannot tear a cluster down by itself ({reason}); "
-                             "remove --ttl and run `mistral-deploy down`")
+                             "remove the TTL (--ttl none) and run `mistral-deploy down`")
     if not needs:
         return
     refusals: list[str] = []

@@ -20,6 +20,7 @@ import fcntl
 import os
 import resource
 import shutil
+import signal
 import socket
 import struct
 import tempfile
@@ -40,6 +41,7 @@ from mistral_deploy.templates import template_text
 from mistral_deploy.state import Deployment
 
 if TYPE_CHECKING:
+    from mistral_deploy.converge import Plan
     from mistral_deploy.progress import Progress
     from mistral_deploy.recipe import Recipe
     from mistral_deploy.state import StateStore
@@ -132,8 +134,9 @@ class LocalBackend:
         engine_ref: Optional[ProcessRef] = None
         gateway_ref: Optional[ProcessRef] = None
         try:
-            keys = [generate_api_key() for _ in range(recipe.auth.keys)]
-            store.write_api_keys(recipe.name, keys)
+            keys = {f"key-{n}": generate_api_key() for n in range(1, recipe.auth.keys + 1)}
+            store.write_keys(recipe.name, keys)
+            deployment.details["key_created"] = {key_id: deployment.created_at for key_id in keys}
 
             model = recipe.model.id
             if recipe.builtin_model:
@@ -177,7 +180,7 @@ class LocalBackend:
                 return processes.alive(engine_ref) and processes.alive(gateway_ref)
 
             probe.wait_ready(
-                deployment.endpoint, keys[0], recipe.served_model_name, ca_file=tls_ca,
+                deployment.endpoint, next(iter(keys.values())), recipe.served_model_name, ca_file=tls_ca,
                 timeout=float(recipe.health.readiness_timeout),
                 interval=min(recipe.health.probe_interval, LOCAL_PROBE_INTERVAL),
                 probe_timeout=recipe.health.probe_timeout, alive=both_alive,
@@ -235,8 +238,10 @@ class LocalBackend:
         return env
 
     @staticmethod
-    def _write_gateway(recipe: "Recipe", directory: Path, keys: list[str], listen_host: str, port: int,
+    def _write_gateway(recipe: "Recipe", directory: Path, keys: dict[str, str], listen_host: str, port: int,
                        engine_socket: str) -> tuple[GatewayLayout, Optional[str]]:
+        """The gateway's files. Written again when a change is applied: the certificate is made once and
+        kept (clients pin it)."""
         gw = directory / GATEWAY_DIR
         gw.mkdir(mode=0o700, exist_ok=True)
         (gw / "temp").mkdir(mode=0o700, exist_ok=True)
@@ -245,9 +250,11 @@ class LocalBackend:
         js_file.write_text(template_text("gateway.js"), encoding="utf-8")
         tls_ca = cert = key = None
         if recipe.tls_enabled:
-            hosts = local_ipv4_addresses() + ["localhost", socket.gethostname()]
-            files = generate_tls(gw / "tls", list(dict.fromkeys(hosts)), common_name=recipe.name)
-            cert, key, tls_ca = str(files.cert), str(files.key), str(files.ca_cert)
+            tls = gw / "tls"
+            if not all((tls / f).is_file() for f in ("ca.pem", "cert.pem", "key.pem")):
+                hosts = local_ipv4_addresses() + ["localhost", socket.gethostname()]
+                generate_tls(tls, list(dict.fromkeys(hosts)), common_name=recipe.name)
+            cert, key, tls_ca = str(tls / "cert.pem"), str(tls / "key.pem"), str(tls / "ca.pem")
         layout = GatewayLayout(
             listen_host=listen_host, port=port, engine_socket=engine_socket, js_file=str(js_file),
             # both logs go through rotating pipes (processes.spawn): error.log and access.log
@@ -296,6 +303,118 @@ class LocalBackend:
         except MistralDeployError:
             pass  # removed meanwhile by a concurrent `down`
 
+    # ------------------------------------------------------------------------------ changes in place
+    def apply(self, deployment: Deployment, recipe: "Recipe", plan: "Plan", store: "StateStore",
+              progress: "Progress") -> Deployment:
+        """Take a running deployment to `recipe` (converge.Plan says what differs) the cheapest way: a
+        gateway reload (nothing in flight is dropped), a gateway restart (another port or network), an
+        engine restart behind the same gateway (same URL, keys and certificate). Whatever is not running
+        (the engine died, the machine rebooted) is started again too."""
+        name = deployment.name
+        directory = store.dir(name)
+        details = deployment.details
+        engine_ref = ProcessRef.from_json(details.get("engine"))
+        gateway_ref = ProcessRef.from_json(details.get("gateway"))
+        restart_engine = (plan.needs("engine-restart") or not processes.alive(engine_ref)
+                          or deployment.phase != "ready")
+        restart_gateway = plan.needs("gateway-restart") or not processes.alive(gateway_ref)
+        nginx = find_nginx()
+        require_njs()
+        python = engine.engine_python() if restart_engine else ""
+        hf_env = hf_token_secret(recipe) if restart_engine else {}
+        mode = recipe.network.mode
+        if mode == "vpc":
+            raise EngineError("network.mode: vpc is for clouds; locally use private or public (--network)")
+        listen_host, port = listen_host_for(mode), recipe.network.port
+        if restart_gateway and (port, listen_host) != (details.get("port"), details.get("listen_host")):
+            problem = port_problem(listen_host, port)
+            if problem:
+                raise EngineError(f"network.port (--port): {problem}; pick another")
+        keys = store.read_keys(name)
+
+        tmpdir = details.get("tmpdir")
+        if not tmpdir or not Path(tmpdir).is_dir():  # the system's temp folder was emptied (a reboot)
+            tmpdir = tempfile.mkdtemp(prefix=f"md-{name[:12]}-")
+            restart_engine = True
+        engine_socket = str(Path(tmpdir) / ENGINE_SOCKET)
+        if restart_engine:
+            progress.phase("engine-stop", f"pid {engine_ref.pid}" if engine_ref else "not running")
+            processes.stop(engine_ref)
+            engine_ref = None
+            Path(engine_socket).unlink(missing_ok=True)  # vLLM binds it anew, and refuses a leftover file
+        layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, engine_socket)
+        if restart_gateway:
+            progress.phase("gateway", f"nginx on {listen_host}:{port}")
+            processes.stop(gateway_ref)
+            started: list[ProcessRef] = []
+            try:
+                gateway_ref = self._start_gateway(nginx, directory, layout, started)
+            finally:
+                gateway_ref = started[0] if started else None
+        else:
+            progress.phase("gateway-reload", "nginx re-reads its configuration")
+            reload_gateway(nginx, directory / GATEWAY_DIR, gateway_ref)
+        scheme = "https" if recipe.tls_enabled else "http"
+        deployment.recipe = recipe.to_yaml_config()
+        deployment.endpoint = f"{scheme}://127.0.0.1:{port}/v1"
+        deployment.tls_ca = tls_ca
+        details.update(network=mode, port=port, listen_host=listen_host, tmpdir=tmpdir, engine_socket=engine_socket,
+                       gateway=gateway_ref.to_json() if gateway_ref else None)
+        details.pop("error", None)
+        try:
+            if restart_engine:
+                model = recipe.model.id
+                if recipe.builtin_model:
+                    model = str(engine.ensure_builtin_model(recipe.builtin_model, python,
+                                                            say=lambda line: progress.phase("model", line)))
+                progress.phase("engine-start", f"vLLM on {engine_socket}")
+                argv = [python, "-m", "vllm.entrypoints.openai.api_server",
+                        *engine_args(recipe, model=model, socket=engine_socket)]
+                engine_ref = processes.spawn(argv, env=self._engine_env(recipe, Path(tmpdir), hf_env),
+                                             log=directory / ENGINE_LOG, cwd=directory)
+                details["engine"] = engine_ref.to_json()
+            deployment.phase = "updating" if restart_engine else deployment.phase
+            store.save(deployment)
+            from mistral_deploy import probe
+
+            probe.wait_ready(
+                deployment.endpoint, next(iter(keys.values())), recipe.served_model_name, ca_file=tls_ca,
+                timeout=float(recipe.health.readiness_timeout),
+                interval=min(recipe.health.probe_interval, LOCAL_PROBE_INTERVAL),
+                probe_timeout=recipe.health.probe_timeout,
+                alive=lambda: processes.alive(engine_ref) and processes.alive(gateway_ref),
+                on_phase=lambda step: progress.phase("readiness", step), task=recipe.model.task,
+            )
+        except NotReadyError as exc:
+            tail = processes.tail(directory / ENGINE_LOG, LOG_TAIL_LINES) or "(the engine wrote nothing to its log)"
+            message = (None if processes.alive(engine_ref) else explain(tail)) or exc.message
+            self._fail(deployment, store, message, engine_ref, gateway_ref)
+            raise NotReadyError(message, log_tail=tail,
+                                hint=f"fix the recipe and run `mistral-deploy up` again, or "
+                                     f"`mistral-deploy down {name}`") from None
+        except KeyboardInterrupt:
+            with processes.signals_ignored():
+                self._fail(deployment, store, "interrupted while a change was applied", engine_ref, gateway_ref)
+            raise
+        deployment.phase = "ready"
+        details["ready_at"] = time.time()
+        store.save(deployment)
+        progress.done(ready_message(deployment))
+        return deployment
+
+    def apply_keys(self, deployment: Deployment, keys: dict[str, str], store: "StateStore",
+                   progress: "Progress") -> None:
+        """The gateway holds exactly `keys` from now on: its key map rewritten, then a reload (requests in
+        flight, a revoked key's included, finish; the next request with a revoked key is refused)."""
+        gw = store.dir(deployment.name) / GATEWAY_DIR
+        write_private(gw / "api_keys.map", render_keys_map(hashes_for(keys)))
+        gateway_ref = ProcessRef.from_json(deployment.details.get("gateway"))
+        if not processes.alive(gateway_ref):
+            progress.phase("keys", "the gateway is not running: the keys apply when it starts (`mistral-deploy up`)")
+            return
+        progress.phase("gateway-reload", "nginx re-reads its keys")
+        reload_gateway(find_nginx(), gw, gateway_ref)
+
     # ------------------------------------------------------------------------------------ down/status
     def down(self, deployment: Deployment, store: "StateStore", progress: "Progress") -> None:
         gateway_ref = ProcessRef.from_json(deployment.details.get("gateway"))
@@ -316,12 +435,18 @@ class LocalBackend:
         healthy = (deployment.phase == "ready" and engine_up and gateway_up and deployment.endpoint is not None
                    and probe.check_health(deployment.endpoint, ca_file=deployment.tls_ca))
         mode = details.get("network", "private")
+        phase, error = deployment.phase, details.get("error")
+        if deployment.phase == "ready" and not (engine_up and gateway_up):
+            # drift: the record says ready, the processes say otherwise
+            dead = " and ".join(w for w, up in (("engine", engine_up), ("gateway", gateway_up)) if not up)
+            phase, error = "down", (f"the {dead} is not running (exited, killed, or the machine restarted); "
+                                    f"`mistral-deploy up` with the same recipe starts it again")
         ip = "127.0.0.1" if mode == "private" else next(
             (a for a in local_ipv4_addresses() if not a.startswith("127.")), "127.0.0.1")
         return {
             "name": deployment.name,
             "backend": self.kind,
-            "phase": deployment.phase,
+            "phase": phase,
             "healthy": bool(healthy),
             "endpoint": deployment.endpoint,
             "ip": ip,
@@ -332,7 +457,7 @@ class LocalBackend:
             "engine_pid": (details.get("engine") or {}).get("pid"),
             "gateway_pid": (details.get("gateway") or {}).get("pid"),
             "tls_ca": deployment.tls_ca,
-            "error": details.get("error"),
+            "error": error,
         }
 
     def logs(self, deployment: Deployment, *, follow: bool, lines: int) -> Iterator[str]:
@@ -369,6 +494,57 @@ def follow_file(path: Path, *, lines: int, follow: bool, running: Any = lambda: 
                     yield partial
                 return
             time.sleep(0.2)
+
+
+GATEWAY_RELOAD_TIMEOUT = 10.0
+
+
+def reload_gateway(nginx: str, gw: Path, gateway_ref: Optional[ProcessRef]) -> None:
+    """nginx re-reads its configuration (SIGHUP to the master): new workers take new connections, the old
+    ones finish the requests in flight, streams included, and exit. The configuration is checked first
+    (`nginx -t`): a refused one changes nothing. Returns once a new worker runs."""
+    import subprocess
+
+    if not processes.alive(gateway_ref):
+        raise EngineError("the gateway (nginx) is not running; `mistral-deploy up` starts it again")
+    assert gateway_ref is not None
+    check = subprocess.run([nginx, "-t", "-q", "-p", str(gw), "-e", "stderr", "-c", str(gw / "nginx.conf")],
+                           capture_output=True, text=True, timeout=30, cwd=str(gw),
+                           env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")})
+    if check.returncode != 0:
+        detail = (check.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EngineError(f"nginx refused the new gateway configuration ({detail}); the running one is kept")
+    before = set(_children(gateway_ref.pid))
+    os.kill(gateway_ref.pid, signal.SIGHUP)
+    deadline = time.monotonic() + GATEWAY_RELOAD_TIMEOUT
+    # done when new workers run and every old one has stopped accepting: it closes its listening sockets,
+    # then renames itself "... is shutting down" and finishes what it serves
+    while not (set(_children(gateway_ref.pid)) - before and all(_stopped_accepting(pid) for pid in before)):
+        if time.monotonic() > deadline:
+            raise EngineError(f"the gateway did not take its new configuration within {GATEWAY_RELOAD_TIMEOUT:.0f}s "
+                              f"of a reload; see {gw / 'error.log'}")
+        time.sleep(0.01)
+
+
+def _stopped_accepting(pid: int) -> bool:
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # gone
+    return not title or b"shutting down" in title  # empty: exited, not yet reaped
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
 
 
 def _pid_in(path: Path) -> Optional[int]:

@@ -54,6 +54,10 @@ _SECRET_ENV_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|PRIVATE_KEY)", re.I
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 
 
+# `--ttl none`: an endpoint with no end time (`run` on a cloud otherwise gets a default TTL).
+NO_TTL = ("none", "never")
+
+
 def parse_duration(value: object) -> object:
     """'90s', '30m', '4h', '1d' or a bare number of seconds -> seconds."""
     if value is None or isinstance(value, bool):
@@ -555,6 +559,9 @@ def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any
                 child = {}
                 node[key] = child
             node = child
+        if flag == "ttl" and str(value).strip().lower() in NO_TTL:
+            node.pop(path[-1], None)  # --ttl none: no end time, asked for in so many words
+            continue
         node[path[-1]] = value
     resources = data.get("resources") if isinstance(data.get("resources"), dict) else None
     if "cloud" in given and "region" not in given and resources is not None:

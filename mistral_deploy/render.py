@@ -15,7 +15,8 @@ from typing import Any, Optional
 import yaml
 
 from mistral_deploy.errors import RecipeError
-from mistral_deploy.gateway import UPSTREAM_TIMEOUT_SECONDS, GatewayLayout, listen_host_for, render_gateway_config
+from mistral_deploy.gateway import (PRIVATE_IP_PLACEHOLDER, UPSTREAM_TIMEOUT_SECONDS, GatewayLayout, listen_host_for,
+                                    render_gateway_config, render_keys_map)
 from mistral_deploy.recipe import Recipe
 from mistral_deploy.templates import render_template, template_text
 
@@ -216,6 +217,25 @@ def render_setup(recipe: Recipe) -> str:
         tls=vm_gateway_tls(recipe),
         builtin_model=recipe.builtin_model,
         tiny_model_builder=template_text("build_tiny_model.py") if recipe.builtin_model else "",
+    )
+
+
+def render_gateway_reload(recipe: Recipe, *, config: bool, hashes: Optional[dict[str, str]] = None) -> str:
+    """The script that applies a gateway change on a running single VM (over SSH): its configuration
+    (`config`), its keys (`hashes`: {id: SHA-256}), or both, then a reload."""
+    if recipe.replicas is not None:
+        raise ValueError("a SkyServe service's replicas are changed with `sky serve update`")
+    return render_template(
+        "reload.sh.j2",
+        deployment=recipe.name,
+        state_dir=VM_STATE_DIR,
+        gateway_dir=VM_GATEWAY_DIR,
+        pid_file=vm_gateway_layout(recipe).pid_file,
+        gateway_config=render_gateway_config(recipe, vm_gateway_layout(recipe), tls=vm_gateway_tls(recipe))
+        if config else "",
+        vpc=recipe.network.mode == "vpc",
+        private_ip_placeholder=PRIVATE_IP_PLACEHOLDER,
+        keys_map=render_keys_map(hashes) if hashes is not None else "",
     )
 
 

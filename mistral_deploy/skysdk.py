@@ -283,6 +283,25 @@ class SkySdk:
                 return
             raise
 
+    def cancel_job(self, cluster_name: str, job_id: Optional[int]) -> None:
+        """Cancel the cluster's job (the serving job: its run script's trap removes the containers)."""
+        sky = _sky()
+        with translate_errors("cancel"):
+            if job_id is None:
+                sky.get(sky.cancel(cluster_name, all=True))
+            else:
+                sky.get(sky.cancel(cluster_name, job_ids=[int(job_id)]))
+
+    def autostop(self, cluster_name: str, minutes: Optional[int]) -> None:
+        """Tear the cluster down `minutes` from now (autodown that waits for nothing); None: never.
+        SkyPilot counts the time from when it is set."""
+        sky = _sky()
+        from sky.skylet import autostop_lib
+
+        with translate_errors("autostop"):
+            sky.get(sky.autostop(cluster_name, -1 if minutes is None else int(minutes),
+                                 wait_for=autostop_lib.AutostopWaitFor.NONE, down=minutes is not None))
+
     def tail_job(self, cluster_name: str, job_id: Optional[int], *, follow: bool, lines: int = 0,
                  stop: Optional[threading.Event] = None) -> Iterator[str]:
         """The job's log lines (setup then run: our scripts, then the engine's container log)."""
@@ -332,6 +351,20 @@ class SkySdk:
             finally:
                 writer.close()
         return str(endpoint)
+
+    def serve_update(self, task_config: dict[str, Any], *, service_name: str, secrets: dict[str, str],
+                     global_config: dict[str, Any], blue_green: bool = False) -> None:
+        """`sky serve update`: a new version of the service, replicas replaced one by one (rolling) or all
+        at once once the new ones are ready (blue-green). Returns once SkyPilot accepted it."""
+        sky = _sky()
+        from sky.serve import serve_utils
+
+        task = self.make_task(task_config, secrets)
+        mode = serve_utils.UpdateMode.BLUE_GREEN if blue_green else serve_utils.UpdateMode.ROLLING
+        with translate_errors("serve update"), contextlib.redirect_stdout(sys.stderr):
+            with self._global_config(global_config):
+                request_id = sky.serve.update(task, service_name, mode=mode)
+            sky.stream_and_get(request_id, output_stream=_LineWriter(lambda _l: None))
 
     def serve_status(self, service_name: str) -> Optional[ServiceInfo]:
         sky = _sky()
@@ -517,6 +550,19 @@ class SkySdk:
             raise CloudError(f"ssh {cluster_name}: timed out writing {path}") from None
         if done.returncode != 0:
             raise CloudError(f"ssh {cluster_name}: cannot write {path}: {first_line(done.stderr) or done.returncode}")
+
+    def run_on_head(self, cluster_name: str, script: str, *, timeout: float = 300.0) -> str:
+        """Run a bash script on the head node through SkyPilot's SSH access; its output. The script
+        travels on ssh's standard input, never in an argument. CloudError with its last line on failure."""
+        argv = self._ssh_base(cluster_name) + [cluster_name, "bash -s"]
+        try:
+            done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise CloudError(f"ssh {cluster_name}: timed out after {timeout:.0f}s") from None
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise CloudError(f"on {cluster_name}: {lines[-1] if lines else f'exit code {done.returncode}'}")
+        return done.stdout
 
     def open_tunnel(self, cluster_name: str, *, remote_host: str, remote_port: int,
                     local_port: int = 0, timeout: float = 60.0) -> Tunnel:

@@ -4,7 +4,8 @@
       state.lock                     one lock for every read-modify-write (filelock, across processes)
       deployments/<name>/            0700
         deployment.json              the record (no secret in it), replaced atomically
-        api_keys                     0600, one key per line
+        api_keys                     0600, one `ID KEY` line per key
+        .changing.lock               held while `up`, `keys` or `ttl` change a running deployment
         ...                          backend files: logs, gateway config, TLS files, pid files
 
 Several CLI processes at once: names are reserved under the lock (a half-made deployment is already
@@ -134,16 +135,41 @@ class StateStore:
         with self.lock():
             shutil.rmtree(self.dir(name), ignore_errors=True)
 
-    # Secrets: files of their own, 0600, never in the record.
-    def write_api_keys(self, name: str, keys: list[str]) -> Path:
-        return write_private(self.dir(name) / API_KEYS, "\n".join(keys) + "\n")
+    @contextmanager
+    def changing(self, name: str, timeout: float = 1800.0) -> Iterator[None]:
+        """Held while a deployment is changed (`up` converging, `keys`, `ttl`): one change at a time. Its
+        own lock, not the store's: applying a change can take minutes."""
+        from filelock import FileLock, Timeout
 
-    def read_api_keys(self, name: str) -> list[str]:
+        path = self.dir(name)
+        if not path.is_dir():
+            self.load(name)  # DeploymentNotFound, naming the known ones
+        try:
+            with FileLock(str(path / ".changing.lock"), timeout=timeout):
+                yield
+        except Timeout:
+            from mistral_deploy.errors import MistralDeployError
+
+            raise MistralDeployError(f"{name} is being changed by another mistral-deploy command") from None
+
+    # Secrets: files of their own, 0600, never in the record. One `ID KEY` line per key (a file of an
+    # earlier version holds one key per line: ids key-1, key-2, ... by position).
+    def write_keys(self, name: str, keys: dict[str, str]) -> Path:
+        return write_private(self.dir(name) / API_KEYS, "".join(f"{i} {k}\n" for i, k in keys.items()))
+
+    def read_keys(self, name: str) -> dict[str, str]:
         path = self.dir(name) / API_KEYS
         try:
-            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except FileNotFoundError:
-            return []
+            return {}
+        return {(parts[0] if len(parts) > 1 else f"key-{n}"): parts[-1] for n, parts in enumerate(lines, 1)}
+
+    def write_api_keys(self, name: str, keys: list[str]) -> Path:
+        return self.write_keys(name, {f"key-{n}": key for n, key in enumerate(keys, 1)})
+
+    def read_api_keys(self, name: str) -> list[str]:
+        return list(self.read_keys(name).values())
 
 
 def ensure_private_dir(path: Path) -> Path:

@@ -108,7 +108,7 @@ class Deployed:
 def read_deployed(name: str, home: Path, env: dict[str, str]) -> Deployed:
     directory = home / "state" / "deployments" / name
     record = json.loads((directory / "deployment.json").read_text())
-    key = (directory / "api_keys").read_text().split()[0]
+    key = (directory / "api_keys").read_text().splitlines()[0].split()[-1]
     return Deployed(name=name, home=home, env=env, endpoint=record["endpoint"], key=key, record=record)
 
 

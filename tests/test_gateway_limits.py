@@ -45,7 +45,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Itera
 
 
 def _keys(deployed: Deployed) -> list[str]:
-    return (deployed.dir / "api_keys").read_text().split()
+    return [line.split()[-1] for line in (deployed.dir / "api_keys").read_text().splitlines()]
 
 
 def _connect(deployed: Deployed, source: str) -> socket.socket:

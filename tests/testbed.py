@@ -216,7 +216,7 @@ class BedClient:
         return json.loads(path.read_text())
 
     def key(self, name: str) -> str:
-        return (Path(self.env["MISTRAL_DEPLOY_HOME"]) / "deployments" / name / "api_keys").read_text().split()[0]
+        return (Path(self.env["MISTRAL_DEPLOY_HOME"]) / "deployments" / name / "api_keys").read_text().splitlines()[0].split()[-1]
 
     def clusters(self) -> list[str]:
         """SkyPilot's clusters, by name (`sky status`, as the user would ask)."""

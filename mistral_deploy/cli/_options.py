@@ -31,7 +31,7 @@ Network = Annotated[Optional[str], typer.Option("--network", help="public, priva
 Allow = Annotated[
     Optional[list[str]], typer.Option("--allow", help="Allowed source CIDR (repeatable); replaces the recipe's list.")
 ]
-Ttl = Annotated[Optional[str], typer.Option("--ttl", help="Tear down after this long: 30m, 4h, 1d.")]
+Ttl = Annotated[Optional[str], typer.Option("--ttl", help="Tear down after this long: 30m, 4h, 1d; none: never.")]
 Port = Annotated[Optional[int], typer.Option("--port", help="Gateway port.")]
 
 

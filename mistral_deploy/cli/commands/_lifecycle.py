@@ -30,15 +30,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def client_env(deployment: "Deployment", store: "StateStore") -> dict[str, str]:
-    """The variables the official OpenAI clients (and curl) read to reach this endpoint."""
+def client_env(deployment: "Deployment", store: "StateStore", key_id: "str | None" = None) -> dict[str, str]:
+    """The variables the official OpenAI clients (and curl) read to reach this endpoint, with the key
+    `key_id` (default: the first one the deployment has)."""
     from mistral_deploy.errors import MistralDeployError
 
-    keys = store.read_api_keys(deployment.name)
+    keys = store.read_keys(deployment.name)
+    if key_id is not None and key_id not in keys:
+        raise MistralDeployError(f"--key: {deployment.name} has no key {key_id!r}; its keys: {', '.join(keys) or 'none'}")
     if not deployment.endpoint:
         raise MistralDeployError(f"{deployment.name} has no endpoint yet (phase {deployment.phase})",
                                  hint=f"`mistral-deploy status {deployment.name}`")
-    env = {"OPENAI_BASE_URL": deployment.endpoint, "OPENAI_API_KEY": keys[0] if keys else ""}
+    key = keys[key_id] if key_id is not None else next(iter(keys.values()), "")
+    env = {"OPENAI_BASE_URL": deployment.endpoint, "OPENAI_API_KEY": key}
     if deployment.tls_ca:
         # httpx (the openai client) reads SSL_CERT_FILE, curl CURL_CA_BUNDLE, requests REQUESTS_CA_BUNDLE:
         # a bundle of the system's CAs plus the endpoint's certificate, so other HTTPS in the same shell still
@@ -97,7 +101,28 @@ def usage_lines(deployment: "Deployment") -> list[str]:
     ]
     if deployment.tls_ca:
         lines.append(f"TLS:      pin {deployment.tls_ca}")
+    if deployment.backend == "cloud":
+        lines.append(f"ends:     {lifetime_text(deployment)}")
     if deployment.backend == "cloud" and deployment.details.get("network") == "private":
         lines.append(f"reach it: mistral-deploy tunnel {deployment.name}")
     lines.append(f"stop it:  mistral-deploy down {deployment.name}")
     return lines
+
+
+def lifetime_text(deployment: "Deployment") -> str:
+    """When a cloud deployment ends by itself (its TTL), said so that nobody forgets a GPU VM."""
+    import time
+
+    ends_at = deployment.details.get("ends_at")
+    if not ends_at:
+        return (f"never: no TTL, it runs (and costs) until `mistral-deploy down {deployment.name}` "
+                f"(`mistral-deploy ttl {deployment.name} 4h` sets one)")
+    return f"in {format_left(ends_at - time.time())} (TTL; `mistral-deploy ttl {deployment.name} 2h` changes it)"
+
+
+def format_left(seconds: float) -> str:
+    if seconds <= 0:
+        return "0m (ending)"
+    minutes = int(seconds // 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,6 +14,8 @@ from mistral_deploy.cli._output import Output
 @app.command()
 def env(
     name: Annotated[str, typer.Argument(help="A deployment.")],
+    key: Annotated[Optional[str], typer.Option("--key", help="The id of the key to export (default: the first; "
+                                                            "see `mistral-deploy keys list`).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="A JSON object instead of shell exports.")] = False,
 ) -> None:
     """Print OPENAI_BASE_URL and OPENAI_API_KEY exports (and the pinned CA file with TLS):
@@ -23,7 +25,7 @@ def env(
 
     out = Output(json_mode=json_out)
     store = StateStore()
-    variables = client_env(store.load(name), store)
+    variables = client_env(store.load(name), store, key_id=key)
     if json_out:
         out.json(variables)
         return

@@ -2,7 +2,8 @@
 
 Up, run the command with OPENAI_BASE_URL / OPENAI_API_KEY (and the pinned CA file) in its environment,
 then always down: on success, on failure, on Ctrl-C and on SIGTERM. On clouds the TTL is the backstop
-if this process itself is killed.
+if this process itself is killed: without --ttl (and without one in the recipe), a single VM gets
+DEFAULT_RUN_TTL; --ttl none asks for no end time.
 
 The command does not inherit `run`'s environment, which holds the cloud credentials `up` needs (AWS_*,
 GOOGLE_*, AZURE_*, HF_TOKEN, GITHUB_TOKEN, ...). It gets a small base set (the shell's basics, the locale,
@@ -27,6 +28,10 @@ from mistral_deploy.cli._options import (
     Allow, Cloud, Gpu, Model, Name, Network, Port, RecipeArg, Region, Spot, Ttl, load, overrides,
 )
 from mistral_deploy.cli._output import Output
+
+# What a cloud endpoint of `run` lives at most, unless --ttl says otherwise: a CI job's endpoint with room to
+# spare (GitHub's own job limit is 6 hours, most evaluation jobs take minutes).
+DEFAULT_RUN_TTL = "2h"
 
 # How long the command gets to exit after it was forwarded SIGTERM/SIGINT, before SIGKILL.
 COMMAND_GRACE_SECONDS = 10.0
@@ -153,6 +158,11 @@ def run(
     flags = overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot, network=network,
                       allow=allow, ttl=ttl, port=port)
     r = load(recipe, flags).recipe
+    if not r.is_local and r.replicas is None and ttl is None and r.lifetime.ttl is None:
+        # An ephemeral endpoint always ends by itself, even if this runner dies hard (killed, preempted,
+        # cut off) and never reaches `down`. No TTL only when asked for: --ttl none.
+        flags.ttl = DEFAULT_RUN_TTL
+        r = load(recipe, flags).recipe
     # Parallel CI jobs must not collide: a fresh name, and locally a free port, unless given.
     if name is None or (r.is_local and port is None):
         flags.name = name or f"{r.name[:26]}-{secrets.token_hex(4)}"

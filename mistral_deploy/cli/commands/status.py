@@ -48,11 +48,19 @@ def status(
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "BACKEND", "PHASE", "HEALTHY", "ENDPOINT", "IP"):
+    from mistral_deploy.cli.commands._lifecycle import format_left
+
+    for column in ("NAME", "BACKEND", "PHASE", "HEALTHY", "ENDPOINT", "IP", "ENDS IN", "COST"):
         table.add_column(column)
     for row in rows:
+        ends = "-"
+        if row.get("time_left_seconds") is not None:
+            ends = format_left(row["time_left_seconds"])
+        elif row["backend"] == "cloud":
+            ends = "never"  # no TTL: it runs, and costs, until `down`
+        cost = f"${row['cost_so_far']:.2f}" if row.get("cost_so_far") is not None else "-"
         table.add_row(row["name"], row["backend"], row["phase"], "yes" if row["healthy"] else "no",
-                      row.get("endpoint") or "-", row.get("ip") or "-")
+                      row.get("endpoint") or "-", row.get("ip") or "-", ends, cost)
     out.print(table)
     for row in rows:
         if row.get("error"):

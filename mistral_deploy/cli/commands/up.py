@@ -1,8 +1,13 @@
-"""`mistral-deploy up`: bring a recipe up as an endpoint, and return once it really answers."""
+"""`mistral-deploy up`: bring a recipe up as an endpoint, and return once it really answers.
+
+Declarative: on a deployment that exists, `up` compares the recorded recipe with the asked one, shows
+what changes and what each change costs, and applies it the cheapest way that keeps the endpoint up
+(mistral_deploy.converge). The same recipe again changes nothing: it re-probes and prints the endpoint.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,7 +18,12 @@ from mistral_deploy.cli._options import (
 )
 from mistral_deploy.cli._output import Output
 
+if TYPE_CHECKING:
+    from mistral_deploy.recipe import Recipe
+    from mistral_deploy.state import Deployment, StateStore
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON object on stdout (progress stays on stderr).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would change, and its cost; change nothing.")]
 
 
 @app.command()
@@ -29,27 +39,119 @@ def up(
     allow: Allow = None,
     ttl: Ttl = None,
     port: Port = None,
+    dry_run: DryRun = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Create the endpoint (`--cloud local`: on this machine) and wait until an authenticated one-token
-    completion succeeds. Exit 6: name taken; 7: local engine/gateway; 8: not ready; 9: cloud refused."""
-    from mistral_deploy.backends import backend_for_recipe
-    from mistral_deploy.cli.commands._lifecycle import sigterm_as_interrupt, summary, usage_lines
-    from mistral_deploy.progress import Progress
+    completion succeeds. On an existing deployment: show the changes and apply them (a gateway reload,
+    an engine restart, a new cluster), or, with nothing changed, re-probe it. Exit 7: local
+    engine/gateway; 8: not ready; 9: cloud refused."""
+    from mistral_deploy.errors import DeploymentNotFound
     from mistral_deploy.state import StateStore
 
     out = Output(json_mode=json_out)
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
                                     network=network, allow=allow, ttl=ttl, port=port))
-    for caution in loaded.recipe.cautions():
+    asked = loaded.recipe
+    for caution in asked.cautions():
         out.warn(caution)
+    store = StateStore()
+    try:
+        existing = store.load(asked.name)
+    except DeploymentNotFound:
+        existing = None
+    if existing is None:
+        if dry_run:
+            _report_creation(out, asked, json_out)
+            return
+        _create(out, asked, store, json_out)
+    else:
+        _converge(out, existing, asked, store, dry_run=dry_run, json_out=json_out)
+
+
+def _report_creation(out: Output, recipe: "Recipe", json_out: bool) -> None:
+    from mistral_deploy.backends import backend_for_recipe
+    from mistral_deploy.converge import estimate_price
+
+    price = estimate_price(recipe)
+    kind = backend_for_recipe(recipe).kind
+    if json_out:
+        out.json({"name": recipe.name, "backend": kind, "changed": True, "effect": "create", "changes": [],
+                  "price_per_hour": {"before": None, "after": price}, "dry_run": True})
+        return
+    where = "on this machine" if recipe.is_local else "as a SkyServe service" if kind == "serve" else "on a new cluster"
+    cost = f", about ${price:.2f}/hour" if price else ""
+    out.data(f"{recipe.name}: would be created {where}{cost}")
+
+
+def _create(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool) -> None:
+    from mistral_deploy.backends import backend_for_recipe
+    from mistral_deploy.cli.commands._lifecycle import sigterm_as_interrupt, summary, usage_lines
+    from mistral_deploy.progress import Progress
+
     progress = Progress()
     try:
         with sigterm_as_interrupt():
-            deployment = backend_for_recipe(loaded.recipe).up(loaded.recipe, StateStore(), progress)
+            deployment = backend_for_recipe(recipe).up(recipe, store, progress)
     finally:
         progress.close()
     if json_out:
         out.json(summary(deployment))
+    else:
+        out.data("\n".join(usage_lines(deployment)))
+
+
+def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "StateStore", *, dry_run: bool,
+              json_out: bool) -> None:
+    from mistral_deploy.backends import backend_named
+    from mistral_deploy.cli.commands._lifecycle import sigterm_as_interrupt, summary, usage_lines
+    from mistral_deploy.converge import diff, estimate_price
+    from mistral_deploy.errors import DeploymentExists, MistralDeployError
+    from mistral_deploy.progress import Progress
+
+    name = existing.name
+    with store.changing(name):
+        existing = store.load(name)  # as it is now that no other change runs
+        if existing.phase == "creating":
+            raise DeploymentExists(f"{name} is still being created (or the `up` that created it was interrupted)",
+                                   hint=f"wait for it, or `mistral-deploy down {name}` and up again")
+        plan = diff(existing.recipe_model(), asked, existing.backend)
+        plan.price_before = existing.details.get("hourly_price")
+        moves = plan.needs("new-cluster") or plan.needs("service-update")
+        plan.price_after = estimate_price(asked) if moves else plan.price_before
+        if dry_run:
+            if json_out:
+                out.json({**plan.to_json(), "dry_run": True})
+            else:
+                out.data("\n".join(plan.lines()))
+            return
+        backend = backend_named(existing.backend)
+        progress = Progress()
+        result: dict[str, Any] = {}
+        try:
+            with sigterm_as_interrupt():
+                if plan.changes:
+                    if not json_out:
+                        out.data("\n".join(plan.lines()))
+                    deployment = backend.apply(existing, asked, plan, store, progress)
+                else:
+                    status = backend.status(existing)
+                    if status.get("healthy"):
+                        deployment = existing
+                        result["unchanged"] = True
+                        progress.done(f"{name}: no change; it answers at {existing.endpoint}")
+                    else:
+                        # drift: the same recipe, but it does not answer (the engine died, the cluster is gone)
+                        why = status.get("error") or f"phase {status.get('phase')}, not answering"
+                        progress.phase("repair", why)
+                        try:
+                            deployment = backend.apply(existing, asked, plan, store, progress)
+                        except MistralDeployError as exc:
+                            exc.hint = exc.hint or why
+                            raise
+        finally:
+            progress.close()
+    if json_out:
+        out.json({**summary(deployment), "plan": plan.to_json(), **result})
     else:
         out.data("\n".join(usage_lines(deployment)))

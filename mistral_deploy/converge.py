@@ -1,0 +1,196 @@
+"""`up` on a deployment that exists: what differs between the recorded recipe and the asked one, and the
+cheapest way to get there that keeps the endpoint up.
+
+Pure: compares two validated recipes field by field (defaults included, so a default spelled out is no
+change) and names, for each changed field, what applying it costs. The backends apply a plan.
+
+Effects, cheapest first:
+  record          nothing runs differently (health timeouts, a description): the record is updated
+  ttl             the cluster's autodown is set again (SkyPilot autostop), nothing restarts
+  gateway-reload  nginx re-reads its configuration: new connections get it, requests in flight finish
+  gateway-restart the gateway is started again on another port or address (locally): the address changes
+  engine-restart  the engine starts again on the same machine: same address, keys and certificate
+  new-cluster     a new cluster is launched, the endpoint switched to it, the old one removed
+  service-update  `sky serve update`: replicas replaced one by one (rolling), or all at once (blue-green)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from mistral_deploy.errors import RecipeError
+
+if TYPE_CHECKING:
+    from mistral_deploy.recipe import Recipe
+
+EFFECTS = ("record", "ttl", "gateway-reload", "gateway-restart", "engine-restart", "new-cluster",
+           "service-update")
+WHAT_IT_COSTS = {
+    "record": "nothing restarts",
+    "ttl": "the end time is set again; nothing restarts",
+    "gateway-reload": "gateway reload: requests in flight finish, none is dropped",
+    "gateway-restart": "gateway restart on the new address: connections are cut",
+    "engine-restart": "engine restart on the same machine: same address, keys and certificate; "
+                      "requests fail until the model is loaded again",
+    "new-cluster": "new cluster: launched, then the endpoint switches to it (a new address) and the old "
+                   "one is removed",
+    "service-update": "sky serve update: replicas are replaced one at a time (rolling)",
+}
+
+# The first matching prefix decides. On a cloud, everything the VM is or where it runs needs a new cluster;
+# locally, the listener is the gateway's alone.
+_LOCAL_RULES: tuple[tuple[str, str], ...] = (
+    ("description", "record"), ("health.", "record"), ("auth.keys", "record"), ("lifetime.", "record"),
+    ("network.allow", "gateway-reload"), ("network.max_body_size", "gateway-reload"),
+    ("auth.enabled", "gateway-reload"),
+    ("limits.max_tokens", "engine-restart"),  # vLLM's own cap (--override-generation-config) too
+    ("limits.", "gateway-reload"),
+    ("network.", "gateway-restart"),
+    ("model.", "engine-restart"), ("engine.", "engine-restart"), ("resources.tensor_parallel", "engine-restart"),
+    ("resources.", "record"),  # GPU, region, spot: nothing to do with this machine
+)
+_CLOUD_RULES: tuple[tuple[str, str], ...] = (
+    ("description", "record"), ("health.", "record"), ("auth.keys", "record"),
+    ("lifetime.ttl", "ttl"),
+    ("network.allow", "gateway-reload"), ("network.max_body_size", "gateway-reload"),
+    ("auth.enabled", "gateway-reload"),
+    ("limits.max_tokens", "engine-restart"),
+    ("limits.", "gateway-reload"),
+    ("model.", "engine-restart"), ("engine.", "engine-restart"), ("resources.tensor_parallel", "engine-restart"),
+    ("network.", "new-cluster"),  # mode, port, TLS: which ports are opened, which certificate is made
+    ("resources.", "new-cluster"),
+)
+
+
+@dataclass(frozen=True)
+class Change:
+    field: str  # dotted path in the recipe, e.g. limits.requests_per_minute
+    before: Any
+    after: Any
+    effect: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"field": self.field, "from": self.before, "to": self.after, "effect": self.effect}
+
+
+@dataclass
+class Plan:
+    name: str
+    backend: str
+    changes: list[Change] = field(default_factory=list)
+    price_before: Optional[float] = None  # $/hour
+    price_after: Optional[float] = None
+
+    @property
+    def effect(self) -> Optional[str]:
+        """The costliest effect of the changes (None: nothing changes)."""
+        if not self.changes:
+            return None
+        return max((c.effect for c in self.changes), key=EFFECTS.index)
+
+    def needs(self, effect: str) -> bool:
+        return any(c.effect == effect for c in self.changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "changed": bool(self.changes),
+            "effect": self.effect,
+            "changes": [c.to_json() for c in self.changes],
+            "price_per_hour": {"before": self.price_before, "after": self.price_after},
+        }
+
+    def lines(self) -> list[str]:
+        """The diff as a person reads it: one line per field, then what applying it costs."""
+        if not self.changes:
+            return [f"{self.name}: no change"]
+        width = max(len(c.field) for c in self.changes)
+        out = [f"{self.name}: {len(self.changes)} change{'s' if len(self.changes) > 1 else ''}"]
+        for c in self.changes:
+            out.append(f"  {c.field.ljust(width)}  {_show(c.before)} -> {_show(c.after)}   [{c.effect}]")
+        out.append(f"apply: {WHAT_IT_COSTS[self.effect or 'record']}")
+        if self.price_before is not None or self.price_after is not None:
+            out.append(f"price: {_price(self.price_before)} -> {_price(self.price_after)}")
+        return out
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, (list, dict)):
+        import json
+
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _price(value: Optional[float]) -> str:
+    return "unknown" if value is None else f"${value:.2f}/hour"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and the free-form map engine.env stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = prefix + key
+        if isinstance(value, dict) and value and path != "engine.env":
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def effect_of(path: str, *, local: bool) -> str:
+    for prefix, effect in (_LOCAL_RULES if local else _CLOUD_RULES):
+        if path == prefix or path.startswith(prefix):
+            return effect
+    return "engine-restart" if local else "new-cluster"  # unknown: the safe side
+
+
+def diff(recorded: "Recipe", asked: "Recipe", backend: str) -> Plan:
+    """The plan that takes a deployment recorded with `recorded` to `asked`; RecipeError for the changes
+    no plan can make in place (where it runs: local <-> cloud, one VM <-> a service)."""
+    if recorded.is_local != asked.is_local:
+        where = "this machine" if recorded.is_local else "a cloud"
+        raise RecipeError(
+            f"resources.cloud: {recorded.name} runs on {where}; moving it between this machine and a cloud is a "
+            f"new deployment", hint=f"`mistral-deploy down {recorded.name}` first, or pick another --name")
+    if (recorded.replicas is None) != (asked.replicas is None):
+        raise RecipeError(
+            f"replicas: {recorded.name} is {'one VM' if recorded.replicas is None else 'a SkyServe service'}; "
+            f"turning one into the other is a new deployment",
+            hint=f"`mistral-deploy down {recorded.name}` first, or pick another --name")
+    before = flatten(recorded.model_dump(mode="json"))
+    after = flatten(asked.model_dump(mode="json"))
+    local = recorded.is_local
+    changes = []
+    for path in sorted(set(before) | set(after)):
+        old, new = before.get(path), after.get(path)
+        if old == new:
+            continue
+        effect = effect_of(path, local=local)
+        if backend == "serve" and effect in ("gateway-reload", "engine-restart", "new-cluster", "ttl"):
+            effect = "service-update"  # replicas get everything through SkyServe
+        changes.append(Change(path, old, new, effect))
+    return Plan(name=recorded.name, backend=backend, changes=changes)
+
+
+def estimate_price(recipe: "Recipe") -> Optional[float]:
+    """$/hour of the cheapest offer for the recipe's first GPU on its clouds (SkyPilot's catalog), or None
+    when that cannot be told here (no catalog, a cloud without prices)."""
+    if recipe.is_local or not recipe.resources.gpu:
+        return None
+    try:
+        from mistral_deploy import pricing
+
+        clouds = [c for c in recipe.resources.clouds if c in pricing.PRICED_CLOUDS]
+        if not clouds:
+            return None
+        offers = pricing.find_offers(recipe.resources.gpu[:1], clouds)
+        best = pricing.cheapest_first(offers, spot=recipe.resources.spot)
+    except Exception:  # noqa: BLE001 - a price is informative only
+        return None
+    replicas = recipe.replicas.min if recipe.replicas is not None else 1
+    return round(best[0].hourly(spot=recipe.resources.spot) * max(1, replicas), 4) if best else None

@@ -1,0 +1,247 @@
+"""`up` converges, keys rotate live: on the real local stack (vLLM CPU engine, tiny model, nginx gateway),
+through the CLI as a user runs it, with the official `openai` client streaming through every change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import httpx
+import pytest
+import yaml
+
+from local_support import Deployed, cli, cli_env, down_and_assert_gone, free_port, read_deployed
+from mistral_deploy.recipe import builtin_recipes_dir
+
+pytestmark = pytest.mark.engine
+NAME = "conv"
+# Streams long enough to be in flight while a change is applied: 4 completions of 480 tokens each (the
+# tiny model's context is 512), 8 requests at once (about 3 s on 2 cores).
+STREAM = {"max_tokens": 480, "n": 4, "extra_body": {"ignore_eos": True}, "stream": True,
+          "stream_options": {"include_usage": True}}
+
+
+def _recipe(home: Path, port: int, **changes: Any) -> Path:
+    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
+    data["name"] = NAME
+    data["resources"] = {"cloud": "local"}
+    data["network"] = {"mode": "private", "tls": True, "port": port}
+    data["model"]["max_model_len"] = 512
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    path = home / f"recipe-{len(list(home.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def converging(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("converge")
+    env = cli_env(home, models_dir)
+    port = free_port()
+    recipe = _recipe(home, port)
+    created = cli("up", str(recipe), "--json", env=env)
+    assert created.returncode == 0, created.stderr[-3000:]
+    state = {"home": home, "env": env, "port": port, "recipe": recipe}
+    try:
+        yield state
+    finally:
+        deployed = _deployed(state)
+        down_and_assert_gone(deployed)
+
+
+def _deployed(state: dict[str, Any]) -> Deployed:
+    return read_deployed(NAME, state["home"], state["env"])
+
+
+def _keys(deployed: Deployed) -> dict[str, str]:
+    return dict(line.split() for line in (deployed.dir / "api_keys").read_text().splitlines())
+
+
+def _client(deployed: Deployed, key: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=deployed.endpoint, api_key=key, max_retries=0,
+                  http_client=httpx.Client(verify=_tls(deployed), trust_env=False, timeout=120))
+
+
+def _long_completion(deployed: Deployed) -> httpx.Response:
+    return httpx.post(f"{deployed.endpoint}/completions", verify=_tls(deployed), trust_env=False, timeout=60,
+                      headers={"Authorization": f"Bearer {deployed.key}"},
+                      json={"model": "tiny-mistral", "prompt": "a", "max_tokens": 450, "ignore_eos": True})
+
+
+def _tls(deployed: Deployed) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=deployed.ca)
+
+
+class _Streams:
+    """Streaming completions in threads: each one's finish reasons, tokens, and when it ended."""
+
+    def __init__(self, deployed: Deployed, key: str, count: int) -> None:
+        self.started = threading.Barrier(count + 1, timeout=120)
+        self.results: list[dict[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._one, args=(deployed, key)) for _ in range(count)]
+        for thread in self._threads:
+            thread.start()
+        self.started.wait()  # every stream has its first chunk
+
+    def _one(self, deployed: Deployed, key: str) -> None:
+        first = True
+        finish: dict[int, Optional[str]] = {}
+        usage = None
+        try:
+            for chunk in _client(deployed, key).completions.create(model="tiny-mistral", prompt="a", **STREAM):
+                if first:
+                    first = False
+                    self.started.wait()
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        finish[choice.index] = choice.finish_reason
+                if chunk.usage is not None:
+                    usage = chunk.usage.completion_tokens
+            with self._lock:
+                self.results.append({"finish": finish, "tokens": usage, "ended": time.monotonic()})
+        except BaseException as exc:  # noqa: BLE001 - reported by join()
+            with self._lock:
+                self.errors.append(exc)
+            if first:
+                self.started.abort()
+
+    def join(self) -> list[dict[str, Any]]:
+        for thread in self._threads:
+            thread.join(timeout=300)
+        assert self.errors == []
+        return self.results
+
+
+def _assert_whole(results: list[dict[str, Any]], count: int, after: float) -> None:
+    """Every stream got its 4 x 480 tokens to the end, and was still in flight at `after`."""
+    assert len(results) == count
+    for result in results:
+        assert result["finish"] == {0: "length", 1: "length", 2: "length", 3: "length"}
+        assert result["tokens"] == 4 * 480
+        assert result["ended"] > after, "a stream ended before the change was applied: it proves nothing"
+
+
+def test_the_same_recipe_again_changes_nothing_and_dry_run_only_shows(converging):
+    before = _deployed(converging)
+    record = (before.dir / "deployment.json").read_bytes()
+    again = cli("up", str(converging["recipe"]), "--json", env=converging["env"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads(again.stdout)
+    assert summary["unchanged"] is True and summary["plan"]["changes"] == [] and summary["endpoint"] == before.endpoint
+    assert _deployed(converging).pids == before.pids
+
+    changed = _recipe(converging["home"], converging["port"], limits={"requests_per_minute": 600},
+                      model={"max_model_len": 384})
+    text = cli("up", str(changed), "--dry-run", env=converging["env"])
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^  limits\.requests_per_minute +1200 -> 600 +\[gateway-reload\]$", text.stdout, re.M)
+    assert re.search(r"^  model\.max_model_len +512 -> 384 +\[engine-restart\]$", text.stdout, re.M)
+    assert "apply: engine restart" in text.stdout
+    plan = json.loads(cli("up", str(changed), "--dry-run", "--json", env=converging["env"]).stdout)
+    assert plan["dry_run"] is True and plan["effect"] == "engine-restart"
+    assert {(c["field"], c["from"], c["to"], c["effect"]) for c in plan["changes"]} == {
+        ("limits.requests_per_minute", 1200, 600, "gateway-reload"), ("model.max_model_len", 512, 384, "engine-restart")}
+    # nothing moved: same record, same processes, the gateway's configuration as it was
+    assert (before.dir / "deployment.json").read_bytes() == record
+    assert _deployed(converging).pids == before.pids
+    assert "rate=1200r/m" in (before.dir / "gateway" / "nginx.conf").read_text()
+
+
+def test_a_gateway_change_is_a_reload_that_finishes_every_stream_in_flight(converging):
+    before = _deployed(converging)
+    streams = _Streams(before, before.key, 8)
+    changed = _recipe(converging["home"], converging["port"], limits={"requests_per_minute": 600})
+    applied = cli("up", str(changed), "--json", env=converging["env"])
+    applied_at = time.monotonic()
+    assert applied.returncode == 0, applied.stderr[-2000:]
+    assert json.loads(applied.stdout)["plan"]["effect"] == "gateway-reload"
+    _assert_whole(streams.join(), 8, applied_at)
+    after = _deployed(converging)
+    assert after.pids == before.pids  # neither the engine nor nginx's master restarted
+    assert "rate=600r/m" in (after.dir / "gateway" / "nginx.conf").read_text()
+    assert after.record["recipe"]["limits"]["requests_per_minute"] == 600
+    converging["recipe"] = changed
+
+
+def test_a_revoked_key_is_refused_at_once_while_its_stream_finishes(converging):
+    deployed = _deployed(converging)
+    env = converging["env"]
+    added = cli("keys", "add", NAME, "--id", "ci-job", "--json", env=env)
+    assert added.returncode == 0, added.stderr
+    new = json.loads(added.stdout)
+    assert new["id"] == "ci-job" and new["key"].startswith("md-") and new["key"] not in added.stderr
+    assert _client(deployed, new["key"]).models.list().data[0].id == "tiny-mistral"
+    listed = json.loads(cli("keys", "list", NAME, "--json", env=env).stdout)
+    assert [k["id"] for k in listed["keys"]] == ["key-1", "ci-job"]
+    assert new["key"] not in json.dumps(listed)
+    exported = cli("env", NAME, "--key", "ci-job", env=env).stdout
+    assert f"export OPENAI_API_KEY={new['key']}" in exported
+
+    streams = _Streams(deployed, new["key"], 4)
+    revoked = cli("keys", "revoke", NAME, "ci-job", env=env)
+    revoked_at = time.monotonic()
+    assert revoked.returncode == 0, revoked.stderr
+    refused = httpx.get(f"{deployed.endpoint}/models", headers={"Authorization": f"Bearer {new['key']}"},
+                        verify=_tls(deployed), trust_env=False)
+    assert refused.status_code == 401 and time.monotonic() - revoked_at < 1.0
+    _assert_whole(streams.join(), 4, revoked_at)
+    assert _client(deployed, deployed.key).models.list().data[0].id == "tiny-mistral"  # key-1 untouched
+    assert list(_keys(deployed)) == ["key-1"]
+    assert cli("env", NAME, "--key", "ci-job", env=env).returncode == 1
+    last = cli("keys", "revoke", NAME, "key-1", env=env)
+    assert last.returncode == 3 and "last key" in last.stderr
+
+
+def test_an_engine_change_restarts_the_engine_behind_the_same_url_key_and_certificate(converging):
+    before = _deployed(converging)
+    ca = Path(before.ca).read_bytes()
+    assert _long_completion(before).status_code == 200  # 450 tokens fit a context of 512
+    changed = _recipe(converging["home"], converging["port"], limits={"requests_per_minute": 600},
+                      model={"max_model_len": 384})
+    applied = cli("up", str(changed), "--json", env=converging["env"])
+    assert applied.returncode == 0, applied.stderr[-3000:]
+    assert json.loads(applied.stdout)["plan"]["effect"] == "engine-restart"
+    after = _deployed(converging)
+    engine_before, gateway_before = before.pids
+    engine_after, gateway_after = after.pids
+    assert engine_after != engine_before and gateway_after == gateway_before
+    assert after.endpoint == before.endpoint and after.key == before.key and Path(after.ca).read_bytes() == ca
+    reply = _client(after, before.key).completions.create(model="tiny-mistral", prompt="a", max_tokens=300)
+    assert reply.choices[0].finish_reason == "length"
+    too_long = _long_completion(after)
+    assert too_long.status_code == 400 and "max_model_len=384" in too_long.text  # the new engine's context
+    converging["recipe"] = changed
+
+
+def test_a_dead_engine_shows_in_status_and_up_starts_it_again(converging):
+    before = _deployed(converging)
+    engine_pid = before.pids[0]
+    os.killpg(engine_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = json.loads(cli("status", NAME, "--json", env=converging["env"]).stdout)
+        if status["phase"] == "down":
+            break
+        time.sleep(0.5)
+    assert status["phase"] == "down" and status["healthy"] is False and "engine is not running" in status["error"]
+    repaired = cli("up", str(converging["recipe"]), "--json", env=converging["env"])
+    assert repaired.returncode == 0, repaired.stderr[-3000:]
+    assert "repair" in repaired.stderr
+    after = _deployed(converging)
+    assert after.pids[0] != engine_pid and after.pids[1] == before.pids[1] and after.endpoint == before.endpoint
+    status = json.loads(cli("status", NAME, "--json", env=converging["env"]).stdout)
+    assert status["phase"] == "ready" and status["healthy"] is True

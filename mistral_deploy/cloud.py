@@ -357,11 +357,17 @@ class CloudBackend(_CloudBase):
             pem = self._vm_certificate(cluster_name, started, deadline)
             deployment.tls_ca = self._store_ca(store, recipe.name, pem)
 
-        endpoint, tunnel = self._connect(recipe, cluster, tls, deployment.details.get("tunnel_port"))
+        recorded_port = deployment.details.get("tunnel_port")
+        endpoint, tunnel = self._connect(recipe, cluster, tls, recorded_port)
         held["tunnel"] = tunnel
-        if recipe.network.mode == "private":
-            deployment.details["tunnel_port"] = tunnel.local_port if tunnel else None
-        deployment.endpoint = endpoint
+        if recipe.network.mode == "private" and recorded_port:
+            # a change applied in place: the endpoint keeps its URL (`mistral-deploy tunnel` may hold that
+            # port right now; then the probe goes through a tunnel of its own)
+            deployment.endpoint = f"{_scheme(tls)}://127.0.0.1:{recorded_port}/v1"
+        else:
+            if recipe.network.mode == "private":
+                deployment.details["tunnel_port"] = tunnel.local_port if tunnel else None
+            deployment.endpoint = endpoint
         store.save(deployment)
 
         from mistral_deploy import probe
@@ -439,7 +445,7 @@ class CloudBackend(_CloudBase):
         ends_at = details.get("ends_at")
         if plan.needs("ttl") or not ends_at:
             ends_at = time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None
-        left = None if ends_at is None else max(60.0, ends_at - time.time())
+        left = None if ends_at is None else max(60, math.ceil(ends_at - time.time()))
         task_config = render_task(recipe.model_copy(update={"lifetime": LifetimeSpec(ttl=left)}))
         keys = store.read_keys(deployment.name)
         secrets = {KEY_HASHES_SECRET: hashes_secret(hashes_for(keys))}

@@ -107,9 +107,11 @@ class Plan:
         if not self.changes:
             return [f"{self.name}: no change"]
         width = max(len(c.field) for c in self.changes)
+        values = [f"{_show(c.before)} -> {_show(c.after)}" for c in self.changes]
+        value_width = max(len(v) for v in values)
         out = [f"{self.name}: {len(self.changes)} change{'s' if len(self.changes) > 1 else ''}"]
-        for c in self.changes:
-            out.append(f"  {c.field.ljust(width)}  {_show(c.before)} -> {_show(c.after)}   [{c.effect}]")
+        for c, value in zip(self.changes, values):
+            out.append(f"  {c.field.ljust(width)}  {value.ljust(value_width)}  [{c.effect}]")
         out.append(f"apply: {WHAT_IT_COSTS[self.effect or 'record']}")
         if self.price_before is not None or self.price_after is not None:
             out.append(f"price: {_price(self.price_before)} -> {_price(self.price_after)}")

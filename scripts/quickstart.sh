@@ -6,11 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-# reuse a healthy endpoint from an earlier run; otherwise (re)create it
-if ! mistral-deploy status tiny-mistral --json 2>/dev/null | grep -q '"healthy": true'; then
-  mistral-deploy down tiny-mistral >/dev/null 2>&1 || true
-  mistral-deploy up tiny-mistral --cloud local
-fi
+# `up` converges: it creates the endpoint, leaves a healthy one from an earlier run as it is, and starts
+# again whatever of it stopped
+mistral-deploy up tiny-mistral --cloud local
 eval "$(mistral-deploy env tiny-mistral)"
 
 echo

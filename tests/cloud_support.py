@@ -277,6 +277,7 @@ class FakeSky:
         self.tunnels: list[Tunnel] = []
         self._real = skysdk.SkySdk()
         self._vms: dict[str, VmEndpoint] = {}
+        self._jobs = 0
 
     def names(self) -> list[str]:
         return [c.method for c in self.calls]
@@ -312,7 +313,29 @@ class FakeSky:
             autodown=bool(autostop and autostop[0].down),
         )
         self.clusters[cluster_name] = info
-        return LaunchResult(job_id=1, cluster=info)
+        self._jobs += 1
+        return LaunchResult(job_id=self._jobs, cluster=info)
+
+    def cancel_job(self, cluster_name: str, job_id: Optional[int]) -> None:
+        self._record("cancel_job", cluster_name=cluster_name, job_id=job_id)
+
+    def autostop(self, cluster_name: str, minutes: Optional[int]) -> None:
+        self._record("autostop", cluster_name=cluster_name, minutes=minutes)
+        import dataclasses
+
+        self.clusters[cluster_name] = dataclasses.replace(self.clusters[cluster_name], autostop_minutes=minutes or -1)
+
+    def run_on_head(self, cluster_name: str, script: str, *, timeout: float = 300.0) -> str:
+        """What SSH would run on the VM: the script must be valid bash; the gateway's new key map (hashes,
+        between the heredoc markers) is what the VM's gateway accepts from then on."""
+        import subprocess
+
+        self._record("run_on_head", cluster_name=cluster_name, script=script)
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+        if "MISTRAL_DEPLOY_KEYS_MAP" in script:
+            block = script.split("<<'MISTRAL_DEPLOY_KEYS_MAP'\n", 1)[1].split("MISTRAL_DEPLOY_KEYS_MAP", 1)[0]
+            self.vm.keys = {line.split('"')[1] for line in block.splitlines() if line.strip()}
+        return "mistral-deploy: gateway reloaded\n"
 
     def cluster(self, cluster_name: str, *, refresh: bool = False) -> Optional[ClusterInfo]:
         self._record("cluster", cluster_name=cluster_name, refresh=refresh)
@@ -394,6 +417,13 @@ class FakeSky:
                            for i in range(task.service.min_replicas)),
         )
         return endpoint
+
+    def serve_update(self, task_config: dict[str, Any], *, service_name: str, secrets: dict[str, str],
+                     global_config: dict[str, Any], blue_green: bool = False) -> None:
+        self._real.make_task(task_config, secrets)
+        self._record("serve_update", task_config=task_config, service_name=service_name, secrets=dict(secrets),
+                     blue_green=blue_green)
+        self._configure_keys(secrets)  # once every replica is replaced
 
     def serve_status(self, service_name: str) -> Optional[ServiceInfo]:
         self._record("serve_status", service_name=service_name)

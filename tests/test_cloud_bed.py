@@ -306,3 +306,104 @@ def test_a_gated_model_is_downloaded_with_the_token_and_served_without_it(testbe
     finally:
         assert bed_client.cli("down", name).returncode == 0
         testbed.clean()
+
+
+def _container_id(testbed: Bed, name: str) -> str:
+    return testbed.docker("inspect", "-f", "{{.Id}}", name).strip()
+
+
+def test_changes_apply_in_place_on_the_running_cluster(testbed: Bed, bed_client: BedClient, tmp_path: Path) -> None:
+    """`up` again with a changed recipe: a gateway change is an nginx reload over SSH (the job and both
+    containers stay), an engine change replaces the serving job on the same cluster (same address, keys and
+    tunnel URL); `keys add/revoke` reach the VM's gateway at once; `ttl` sets the cluster's end anew."""
+    name = "bedconv"
+    cluster = f"md-{name}"
+    data = tiny_recipe_data("slurm", "private", name=name, health={"readiness_timeout": 900, "probe_interval": 1})
+
+    def write(path: Path, **sections: Any) -> Path:  # the same port each time: a new port is a new cluster
+        changed = json.loads(json.dumps(data))
+        for section, values in sections.items():
+            changed.setdefault(section, {}).update(values)
+        path.write_text(yaml.safe_dump(changed))
+        return path
+
+    first = write(tmp_path / "r1.yaml")
+    up = bed_client.cli("up", str(first), "--ttl", "30m", "--json")
+    assert up.returncode == 0, up.stderr[-4000:]
+    endpoint = json.loads(up.stdout)["endpoint"]
+    key = bed_client.key(name)
+    job = bed_client.record(name)["details"]["job_id"]
+    gateway_box, engine_box = _container_id(testbed, "md-gateway"), _container_id(testbed, "md-engine")
+
+    # the same recipe: nothing is touched
+    same = bed_client.cli("up", str(first), "--ttl", "30m", "--json")
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert json.loads(same.stdout)["unchanged"] is True and bed_client.record(name)["details"]["job_id"] == job
+
+    # the TTL, counted from now
+    ttl = bed_client.cli("ttl", name, "7m", "--json")
+    assert ttl.returncode == 0, ttl.stderr[-2000:]
+    assert 400 <= json.loads(ttl.stdout)["time_left_seconds"] <= 420
+    status = json.loads(bed_client.cli("status", name, "--json").stdout)
+    assert status["autostop_minutes"] == 7 and status["healthy"] is True and status["time_left_seconds"] <= 420
+
+    tunnel = subprocess.Popen([bed_client.cli_path, "tunnel", name], env=bed_client.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        url = tunnel.stdout.readline().strip()
+        assert url == endpoint
+
+        def models(with_key: str) -> int:
+            return httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {with_key}"}, trust_env=False,
+                             timeout=30).status_code
+
+        # a gateway change: reloaded over SSH, the job and the containers stay
+        second = write(tmp_path / "r2.yaml", lifetime={"ttl": "7m"}, limits={"requests_per_minute": 600})
+        plan = json.loads(bed_client.cli("up", str(second), "--dry-run", "--json").stdout)
+        assert [(c["field"], c["effect"]) for c in plan["changes"]] == [("limits.requests_per_minute", "gateway-reload")]
+        applied = bed_client.cli("up", str(second), "--json")
+        assert applied.returncode == 0, applied.stderr[-4000:]
+        assert bed_client.record(name)["details"]["job_id"] == job
+        assert (_container_id(testbed, "md-gateway"), _container_id(testbed, "md-engine")) == (gateway_box, engine_box)
+        conf, = (testbed.dir / "home" / ".sky_clusters").glob(f"{cluster}-*/.mistral-deploy/gateway/nginx.conf")
+        assert "rate=600r/m" in conf.read_text()
+        assert models(key) == 200
+
+        # keys: added and revoked live on the VM's gateway
+        added = bed_client.cli("keys", "add", name, "--id", "ci", "--json")
+        assert added.returncode == 0, added.stderr[-2000:]
+        new_key = json.loads(added.stdout)["key"]
+        assert models(new_key) == 200
+        key_map, = (testbed.dir / "home" / ".sky_clusters").glob(f"{cluster}-*/.mistral-deploy/gateway/api_keys.map")
+        assert key_map.read_text().count(";\n") == 2 and new_key not in key_map.read_text()
+        revoked = bed_client.cli("keys", "revoke", name, "ci")
+        assert revoked.returncode == 0, revoked.stderr[-2000:]
+        assert models(new_key) == 401 and models(key) == 200
+        assert key_map.read_text() == f'"{hashlib.sha256(key.encode()).hexdigest()}" key-1;\n'
+        assert files_holding(new_key, [testbed.dir / "home", Path(bed_client.env["SKY_RUNTIME_DIR"])]) == []
+
+        # an engine change: the serving job replaced on the same cluster, same URL and key
+        third = write(tmp_path / "r3.yaml", lifetime={"ttl": "7m"}, limits={"requests_per_minute": 600},
+                             model={"max_model_len": 384})
+        applied = bed_client.cli("up", str(third), "--json")
+        assert applied.returncode == 0, applied.stderr[-4000:]
+        result = json.loads(applied.stdout)
+        assert result["plan"]["effect"] == "engine-restart" and result["endpoint"] == endpoint
+        details = bed_client.record(name)["details"]
+        assert details["job_id"] != job and details["cluster"] == cluster
+        assert bed_client.clusters() == [cluster] and len(testbed.slurm_jobs()) == 1
+        assert _container_id(testbed, "md-engine") != engine_box
+        engine_args = testbed.docker("inspect", "-f", "{{json .Args}}", "md-engine")
+        assert "384" in engine_args
+        # the tunnel `mistral-deploy tunnel` holds reached the same VM all along
+        assert models(key) == 200
+        status = json.loads(bed_client.cli("status", name, "--json").stdout)
+        assert status["healthy"] is True and status["autostop_minutes"] >= 1
+        assert 0 < status["time_left_seconds"] <= 420  # the end time did not move with the engine
+    finally:
+        tunnel.send_signal(signal.SIGINT)
+        tunnel.wait(timeout=30)
+    down = bed_client.cli("down", name)
+    assert down.returncode == 0, down.stderr
+    assert bed_client.clusters() == [] and testbed.containers() == []
+    testbed.clean()

@@ -1,0 +1,331 @@
+"""`up` on an existing deployment: the diff (pure), and how each change is applied on a cloud, with
+SkyPilot's SDK stood in for (tests/cloud_support.py: what only a cloud account can answer). The same
+changes run for real on the local stack (test_converge_local.py) and on the Slurm test bed
+(test_cloud_bed.py::test_changes_apply_in_place_on_the_running_cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from _cli import run_cli
+from cloud_support import FakeSky, VmEndpoint
+from mistral_deploy import skysdk
+from mistral_deploy.converge import diff, flatten
+from mistral_deploy.errors import RecipeError
+from mistral_deploy.gateway import key_hash
+from mistral_deploy.recipe import Overrides, Recipe, load_recipe, validate_recipe_data
+from mistral_deploy.render import HF_TOKEN_SECRET, KEY_HASHES_SECRET
+from mistral_deploy.state import StateStore
+
+HF = "hf_test_token_not_real_0123456789"
+FAST_HEALTH = {"readiness_timeout": 30, "probe_interval": 0.05, "probe_timeout": 5}
+
+
+def _recipe(ref: str = "mistral-7b-instruct", **sections: Any) -> Recipe:
+    data = load_recipe(ref, Overrides(cloud="aws", gpu="A10G")).recipe.to_yaml_config()
+    data["health"] = dict(FAST_HEALTH)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return validate_recipe_data(data, "test").recipe
+
+
+# --------------------------------------------------------------------------------------------------
+# the diff
+
+
+def test_flatten_keeps_lists_and_the_engine_environment_whole() -> None:
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "engine": {"env": {"X": "1"}}, "d": {}}) == {
+        "a.b": 1, "a.c": [1, 2], "engine.env": {"X": "1"}, "d": {}}
+
+
+def test_the_same_recipe_and_defaults_spelled_out_are_no_change() -> None:
+    recorded = _recipe()
+    spelled = _recipe(limits={"requests_per_minute": 1200}, network={"port": 8443})
+    assert diff(recorded, recorded, "cloud").changes == []
+    assert diff(recorded, spelled, "cloud").changes == [] and diff(recorded, spelled, "cloud").effect is None
+
+
+@pytest.mark.parametrize(("sections", "field", "effect"), [
+    ({"limits": {"requests_per_minute": 60}}, "limits.requests_per_minute", "gateway-reload"),
+    ({"network": {"allow": ["10.0.0.0/8"]}}, "network.allow", "gateway-reload"),
+    ({"auth": {"enabled": False}, "network": {"mode": "private"}}, "auth.enabled", "gateway-reload"),
+    ({"limits": {"max_tokens": 100}}, "limits.max_tokens", "engine-restart"),
+    ({"model": {"max_model_len": 4096}}, "model.max_model_len", "engine-restart"),
+    ({"engine": {"env": {"VLLM_LOGGING_LEVEL": "DEBUG"}}}, "engine.env", "engine-restart"),
+    ({"lifetime": {"ttl": "2h"}}, "lifetime.ttl", "ttl"),
+    ({"health": {"probe_interval": 2}}, "health.probe_interval", "record"),
+    ({"resources": {"gpu": "L4"}}, "resources.gpu", "new-cluster"),
+    ({"resources": {"region": "eu-west-1"}}, "resources.region", "new-cluster"),
+    ({"network": {"port": 9443}}, "network.port", "new-cluster"),
+])
+def test_each_change_costs_what_it_must_on_a_vm(sections, field, effect) -> None:
+    plan = diff(_recipe(), _recipe(**sections), "cloud")
+    assert (field, effect) in [(c.field, c.effect) for c in plan.changes]
+    assert plan.effect == max((c.effect for c in plan.changes), key=["record", "ttl", "gateway-reload",
+                                                                      "gateway-restart", "engine-restart",
+                                                                      "new-cluster", "service-update"].index)
+
+
+def test_locally_the_listener_is_the_gateways_and_gpus_do_not_matter() -> None:
+    local = load_recipe("tiny-mistral", Overrides(cloud="local")).recipe
+    port = diff(local, load_recipe("tiny-mistral", Overrides(cloud="local", port=9999)).recipe, "local")
+    assert [(c.field, c.before, c.after, c.effect) for c in port.changes] == [
+        ("network.port", local.network.port, 9999, "gateway-restart")]
+    gpu = diff(local, load_recipe("tiny-mistral", Overrides(cloud="local", gpu="A100")).recipe, "local")
+    assert gpu.effect == "record"
+
+
+def test_a_service_changes_through_sky_serve_update() -> None:
+    service = _recipe(replicas={"min": 2}, network={"allow": ["0.0.0.0/0", "::/0"]})
+    plan = diff(service, _recipe(replicas={"min": 2}, network={"allow": ["0.0.0.0/0", "::/0"]},
+                                 model={"max_model_len": 4096}), "serve")
+    assert plan.effect == "service-update"
+
+
+def test_moving_between_this_machine_and_a_cloud_or_to_a_service_is_refused_by_name() -> None:
+    local = load_recipe("tiny-mistral", Overrides(cloud="local")).recipe
+    cloud = load_recipe("tiny-mistral", Overrides(cloud="aws", gpu="A10G")).recipe
+    with pytest.raises(RecipeError, match=r"resources\.cloud: .* new deployment"):
+        diff(local, cloud, "local")
+    with pytest.raises(RecipeError, match=r"replicas: .* one VM"):
+        diff(_recipe(), _recipe(replicas={"min": 1}), "cloud")
+
+
+def test_the_plan_reads_as_a_diff_and_as_data() -> None:
+    plan = diff(_recipe(), _recipe(limits={"requests_per_minute": 60}, model={"max_model_len": 4096}), "cloud")
+    plan.price_before = plan.price_after = 1.006
+    lines = plan.lines()
+    assert lines[0] == "mistral-7b-instruct: 2 changes"
+    assert "limits.requests_per_minute  1200 -> 60 " in lines[1] and lines[1].endswith("[gateway-reload]")
+    assert lines[-2].startswith("apply: engine restart on the same machine")
+    assert lines[-1] == "price: $1.01/hour -> $1.01/hour"
+    data = plan.to_json()
+    assert data["effect"] == "engine-restart" and data["changed"] is True
+    assert {"field": "model.max_model_len", "from": 16384, "to": 4096, "effect": "engine-restart"} in data["changes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# keys on disk
+
+
+def test_keys_file_holds_ids_and_reads_the_one_key_per_line_format_too(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.dir("d").mkdir(parents=True)
+    store.write_keys("d", {"key-1": "md-" + "a" * 30, "ci": "md-" + "b" * 30})
+    assert (store.dir("d") / "api_keys").read_text() == f"key-1 md-{'a' * 30}\nci md-{'b' * 30}\n"
+    assert stat.S_IMODE((store.dir("d") / "api_keys").stat().st_mode) == 0o600
+    assert store.read_keys("d") == {"key-1": "md-" + "a" * 30, "ci": "md-" + "b" * 30}
+    (store.dir("d") / "api_keys").write_text(f"md-{'c' * 30}\nmd-{'d' * 30}\n")  # an earlier version's file
+    assert store.read_keys("d") == {"key-1": "md-" + "c" * 30, "key-2": "md-" + "d" * 30}
+
+
+# --------------------------------------------------------------------------------------------------
+# on a cloud, through the CLI
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    vm = VmEndpoint(served_model="mistral-7b-instruct")
+    vm.start(tls_dir=tmp_path / "tls")
+    sky = FakeSky(vm)
+    skysdk.set_sdk(sky)
+    monkeypatch.setenv(HF_TOKEN_SECRET, HF)
+    yield sky
+    skysdk.set_sdk(None)
+    sky.close_tunnels()
+    vm.stop()
+
+
+def _write(tmp_path: Path, recipe: Recipe) -> str:
+    path = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_yaml_config()))
+    return str(path)
+
+
+def _up(path: str, *args: str) -> dict[str, Any]:
+    os.environ[HF_TOKEN_SECRET] = HF  # as each shell command has it (`up` takes it out of its own process)
+    result = run_cli("up", path, "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _methods(fake: FakeSky) -> list[str]:
+    return [c.method for c in fake.calls if c.method not in ("cluster", "job_finished", "tail_job",
+                                                             "offered_gpus", "hourly_price", "open_tunnel")]
+
+
+def test_cloud_changes_are_applied_the_cheapest_way(fake: FakeSky, tmp_path: Path) -> None:
+    first = _up(_write(tmp_path, _recipe()))
+    endpoint = first["endpoint"]
+    store = StateStore()
+    key = store.read_api_keys("mistral-7b-instruct")[0]
+    fake.calls.clear()
+
+    # the same recipe: a status check, nothing else
+    same = _up(_write(tmp_path, _recipe()))
+    assert same["unchanged"] is True and _methods(fake) == []
+
+    # a gateway change: the new configuration over SSH, nothing launched
+    gateway = _up(_write(tmp_path, _recipe(limits={"requests_per_minute": 60})))
+    assert gateway["plan"]["effect"] == "gateway-reload" and _methods(fake) == ["run_on_head"]
+    script = fake.calls[-1].args["script"] if fake.calls[-1].method == "run_on_head" else next(
+        c.args["script"] for c in fake.calls if c.method == "run_on_head")
+    assert "rate=60r/m" in script and key not in script
+    fake.calls.clear()
+
+    # an engine change: the job cancelled and the new task launched on the same cluster, same keys
+    engine = _up(_write(tmp_path, _recipe(limits={"requests_per_minute": 60}, model={"max_model_len": 4096})))
+    assert engine["plan"]["effect"] == "engine-restart" and engine["endpoint"] == endpoint
+    # (a gated model: the token goes over SSH again; the certificate is read and is the same)
+    assert _methods(fake) == ["cancel_job", "launch", "write_head_file", "read_head_file", "endpoint"]
+    launch = next(c for c in fake.calls if c.method == "launch")
+    assert launch.args["cluster_name"] == "md-mistral-7b-instruct"
+    assert launch.args["secrets"][KEY_HASHES_SECRET] == f"key-1:{key_hash(key)}"
+    assert "--max-model-len 4096" in launch.args["task_config"]["run"]
+    record = store.load("mistral-7b-instruct")
+    assert record.details["job_id"] == 2 and record.phase == "ready"
+    assert record.recipe["model"]["max_model_len"] == 4096
+    fake.calls.clear()
+
+    # another GPU: a new cluster, ready before the switch, then the old one removed
+    moved = _up(_write(tmp_path, _recipe(limits={"requests_per_minute": 60}, model={"max_model_len": 4096},
+                                         resources={"gpu": "L4"})))
+    assert moved["plan"]["effect"] == "new-cluster"
+    launches = [c for c in fake.calls if c.method == "launch"]
+    assert [c.args["cluster_name"] for c in launches] == ["md-mistral-7b-instruct-2"]
+    assert launches[0].args["secrets"][KEY_HASHES_SECRET] == f"key-1:{key_hash(key)}"
+    downs = [c.args["cluster_name"] for c in fake.calls if c.method == "down"]
+    assert downs == ["md-mistral-7b-instruct"]
+    assert _methods(fake).index("launch") < _methods(fake).index("down")
+    record = store.load("mistral-7b-instruct")
+    assert record.details["cluster"] == "md-mistral-7b-instruct-2" and "next_cluster" not in record.details
+    assert Path(record.tls_ca).read_text() == fake.vm.cert_pem and record.tls_ca == first["tls_ca"]
+    assert run_cli("down", "mistral-7b-instruct").exit_code == 0
+    assert fake.calls[-1].method == "down" and fake.calls[-1].args["cluster_name"] == "md-mistral-7b-instruct-2"
+
+
+def test_a_failed_move_keeps_the_old_cluster_serving(fake: FakeSky, tmp_path: Path) -> None:
+    from sky import exceptions as sx
+
+    _up(_write(tmp_path, _recipe()))
+
+    def refuse() -> None:
+        raise sx.ResourcesUnavailableError("Failed to provision all possible launchable resources.")
+
+    fake.launch_raises = refuse
+    os.environ[HF_TOKEN_SECRET] = HF
+    result = run_cli("up", _write(tmp_path, _recipe(resources={"gpu": "L4"})))
+    assert result.exit_code == 9 and "still serves from md-mistral-7b-instruct, unchanged" in result.stderr
+    record = StateStore().load("mistral-7b-instruct")
+    assert record.details["cluster"] == "md-mistral-7b-instruct" and record.phase == "ready"
+    assert "next_cluster" not in record.details and record.recipe["resources"]["gpu"] == [{"name": "A10G", "count": 1}]
+    assert "md-mistral-7b-instruct-2" not in fake.clusters
+
+
+def test_keys_add_and_revoke_reach_the_vms_gateway(fake: FakeSky, tmp_path: Path) -> None:
+    import httpx
+
+    up = _up(_write(tmp_path, _recipe()))
+    added = run_cli("keys", "add", "mistral-7b-instruct", "--json")
+    assert added.exit_code == 0, added.stderr
+    new = json.loads(added.stdout)
+    assert new["id"] == "key-2"
+    ca = up["tls_ca"]
+
+    def status(key: str) -> int:
+        import ssl
+
+        return httpx.get(f"{up['endpoint']}/models", headers={"Authorization": f"Bearer {key}"},
+                         verify=ssl.create_default_context(cafile=ca)).status_code
+
+    assert status(new["key"]) == 200
+    script = next(c.args["script"] for c in reversed(fake.calls) if c.method == "run_on_head")
+    assert new["key"] not in script and key_hash(new["key"]) in script
+    assert run_cli("keys", "revoke", "mistral-7b-instruct", "key-2").exit_code == 0
+    assert status(new["key"]) == 401
+    listed = json.loads(run_cli("keys", "list", "mistral-7b-instruct", "--json").stdout)
+    assert [k["id"] for k in listed["keys"]] == ["key-1"]
+    bad = run_cli("keys", "add", "mistral-7b-instruct", "--id", "Bad Id")
+    assert bad.exit_code == 3 and "--id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ttl_sets_the_end_from_now_and_status_shows_time_left_and_cost(fake: FakeSky, tmp_path: Path) -> None:
+    up = run_cli("up", _write(tmp_path, _recipe()))
+    assert up.exit_code == 0 and "ends:     never: no TTL" in up.stdout
+    result = run_cli("ttl", "mistral-7b-instruct", "2h", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert 7190 <= json.loads(result.stdout)["time_left_seconds"] <= 7200
+    assert fake.calls[-1].method == "autostop" and fake.calls[-1].args["minutes"] == 120
+    status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
+    assert status["autostop_minutes"] == 120 and 7100 < status["time_left_seconds"] <= 7200
+    assert status["cost_so_far"] is not None and status["cost_so_far"] >= 0
+    table = run_cli("status").stdout
+    assert "ENDS IN" in table and "1h59m" in table or "2h00m" in table
+    # the recipe on record carries the new TTL: `up` with a 2h TTL is no change
+    assert StateStore().load("mistral-7b-instruct").recipe["lifetime"]["ttl"] == 7200
+    assert run_cli("ttl", "mistral-7b-instruct", "none").exit_code == 0
+    assert fake.calls[-1].args["minutes"] is None
+    assert run_cli("ttl", "mistral-7b-instruct", "soon").exit_code == 3
+
+
+def test_ttl_of_a_local_deployment_is_refused_by_name(tmp_path: Path) -> None:
+    from mistral_deploy.state import Deployment
+
+    recipe = load_recipe("tiny-mistral", Overrides(cloud="local")).recipe
+    store = StateStore()
+    store.reserve(Deployment(name=recipe.name, backend="local", recipe=recipe.to_yaml_config(), phase="ready"))
+    result = run_cli("ttl", recipe.name, "2h")
+    assert result.exit_code == 3 and "runs on this machine" in result.stderr
+
+
+def test_run_on_a_cloud_gets_a_default_ttl_unless_told_none(fake: FakeSky, tmp_path: Path) -> None:
+    path = _write(tmp_path, _recipe())
+    result = run_cli("run", path, "--", "true")
+    assert result.exit_code == 0, result.stderr
+    launch = next(c for c in fake.calls if c.method == "launch")
+    assert launch.args["task_config"]["resources"]["autostop"]["idle_minutes"] == 120
+    fake.calls.clear()
+    os.environ[HF_TOKEN_SECRET] = HF
+    result = run_cli("run", path, "--ttl", "none", "--", "true")
+    assert result.exit_code == 0, result.stderr
+    launch = next(c for c in fake.calls if c.method == "launch")
+    assert "autostop" not in launch.args["task_config"]["resources"]
+
+
+def test_status_says_when_the_serving_job_ended(fake: FakeSky, tmp_path: Path) -> None:
+    _up(_write(tmp_path, _recipe()))
+    fake.vm.ready = False
+    fake.job_ends = True
+    status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
+    assert status["phase"] == "down" and "serving job" in status["error"] and status["healthy"] is False
+
+
+def test_a_service_update_keeps_its_certificate_and_the_load_balancer(fake: FakeSky, tmp_path: Path) -> None:
+    service = {"replicas": {"min": 1}, "network": {"allow": ["0.0.0.0/0", "::/0"]}}
+    up = _up(_write(tmp_path, _recipe(**service)))
+    up_service = StateStore().load("mistral-7b-instruct").details["service"]
+    ca = Path(up["tls_ca"]).read_bytes()
+    fake.calls.clear()
+    changed = _up(_write(tmp_path, _recipe(**service, model={"max_model_len": 4096})))
+    assert changed["plan"]["effect"] == "service-update"
+    update = next(c for c in fake.calls if c.method == "serve_update")
+    # the service the first `up` made (relaunched as -lb: its controller was new, see cloud.py)
+    assert update.args["blue_green"] is False and update.args["service_name"] == up_service
+    assert "--max-model-len 4096" in update.args["task_config"]["run"]
+    assert Path(up["tls_ca"]).read_bytes() == ca
+    assert StateStore().load("mistral-7b-instruct").recipe["model"]["max_model_len"] == 4096
+    # the load balancer stays admitted, the same certificate is served
+    task = update.args["task_config"]
+    assert task["service"]["tls"]["certfile"].endswith("service-tls/cert.pem")
+    assert task["envs"]["MISTRAL_DEPLOY_LOAD_BALANCER"] == StateStore().load("mistral-7b-instruct").details["load_balancer"]

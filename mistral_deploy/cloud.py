@@ -234,7 +234,10 @@ class CloudBackend(_CloudBase):
     kind = "cloud"
     _CERT_RETRY = 10.0  # seconds between certificate reads when the job's log cannot be followed
 
-    def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
+    def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress",
+           keys: Optional[dict[str, str]] = None) -> Deployment:
+        """keys: the API keys to serve with (a deployment made again after its cluster vanished keeps its
+        keys); new ones by default."""
         from mistral_deploy.fit import check_fit
 
         clock = PhaseClock()
@@ -264,7 +267,7 @@ class CloudBackend(_CloudBase):
                 progress.phase(name, detail)
 
         try:
-            keys = {f"key-{n}": generate_api_key() for n in range(1, recipe.auth.keys + 1)}
+            keys = keys or {f"key-{n}": generate_api_key() for n in range(1, recipe.auth.keys + 1)}
             store.write_keys(recipe.name, keys)
             deployment.details["key_created"] = {key_id: deployment.created_at for key_id in keys}
             # the VM receives only the keys' hashes: nothing SkyPilot stores or ships can call the endpoint

@@ -329,3 +329,18 @@ def test_a_service_update_keeps_its_certificate_and_the_load_balancer(fake: Fake
     task = update.args["task_config"]
     assert task["service"]["tls"]["certfile"].endswith("service-tls/cert.pem")
     assert task["envs"]["MISTRAL_DEPLOY_LOAD_BALANCER"] == StateStore().load("mistral-7b-instruct").details["load_balancer"]
+
+
+def test_up_launches_a_vanished_cluster_again_with_the_same_keys(fake: FakeSky, tmp_path: Path) -> None:
+    path = _write(tmp_path, _recipe())
+    _up(path)
+    key = StateStore().read_api_keys("mistral-7b-instruct")[0]
+    fake.clusters.clear()  # its TTL, `sky down` or the cloud removed it
+    status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
+    assert status["phase"] == "gone"
+    fake.calls.clear()
+    again = _up(path)
+    assert again["recreated"] is True and again["phase"] == "ready"
+    assert [c.args["cluster_name"] for c in fake.calls if c.method == "launch"] == ["md-mistral-7b-instruct"]
+    assert StateStore().read_api_keys("mistral-7b-instruct") == [key]
+    assert json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)["healthy"] is True

@@ -87,6 +87,7 @@ def summary(deployment: "Deployment") -> dict[str, Any]:
         "tls_ca": deployment.tls_ca,
         "network": recipe.network.mode,
         "hourly_price": deployment.details.get("hourly_price"),
+        "ends_at": deployment.details.get("ends_at"),  # its TTL; None: no end time (or local)
     }
 
 

@@ -140,8 +140,16 @@ def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "Stat
                         deployment = existing
                         result["unchanged"] = True
                         progress.done(f"{name}: no change; it answers at {existing.endpoint}")
+                    elif existing.backend == "cloud" and status.get("phase") == "gone":
+                        # its cluster vanished (its TTL, `sky down`, the cloud): made again, with the same keys
+                        progress.phase("repair", f"cluster {status.get('cluster')} is gone: launching it again "
+                                                 f"(a new address; the same keys)")
+                        keys = store.read_keys(name)
+                        store.remove(name)
+                        deployment = backend.up(asked, store, progress, keys=keys)  # type: ignore[call-arg]
+                        result["recreated"] = True
                     else:
-                        # drift: the same recipe, but it does not answer (the engine died, the cluster is gone)
+                        # drift: the same recipe, but it does not answer (the engine died, the job ended)
                         why = status.get("error") or f"phase {status.get('phase')}, not answering"
                         progress.phase("repair", why)
                         try:

@@ -344,3 +344,22 @@ def test_up_launches_a_vanished_cluster_again_with_the_same_keys(fake: FakeSky, 
     assert [c.args["cluster_name"] for c in fake.calls if c.method == "launch"] == ["md-mistral-7b-instruct"]
     assert StateStore().read_api_keys("mistral-7b-instruct") == [key]
     assert json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)["healthy"] is True
+
+
+def test_dry_run_of_a_new_deployment_creates_nothing(fake: FakeSky, tmp_path: Path) -> None:
+    result = run_cli("up", _write(tmp_path, _recipe()), "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["effect"] == "create" and plan["dry_run"] is True
+    assert [c.method for c in fake.calls if c.method in ("launch", "serve_up")] == []
+    assert StateStore().list() == []
+
+
+def test_dry_run_says_when_the_same_recipe_would_repair(fake: FakeSky, tmp_path: Path) -> None:
+    path = _write(tmp_path, _recipe())
+    _up(path)
+    fake.vm.ready = False
+    fake.job_ends = True
+    result = run_cli("up", path, "--dry-run")
+    assert result.exit_code == 0 and "does not answer" in result.stdout and "serving job" in result.stdout
+    assert [c.method for c in fake.calls if c.method == "cancel_job"] == []

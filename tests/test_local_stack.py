@@ -278,11 +278,18 @@ def test_status_env_and_logs(endpoint):
     assert logs.returncode == 0 and 0 < len(logs.stdout.splitlines()) <= 5
 
 
-def test_a_taken_name_is_refused_and_nothing_is_started(endpoint):
-    result = cli("up", "tiny-mistral", "--cloud", "local", "--name", endpoint.name, env=endpoint.env, timeout=60)
+def test_a_taken_name_is_a_change_for_up_and_refused_by_run(endpoint):
+    # `up` converges: with another port it is a change (shown by --dry-run, nothing touched)
+    result = cli("up", "tiny-mistral", "--cloud", "local", "--name", endpoint.name, "--dry-run", env=endpoint.env,
+                 timeout=60)
+    assert result.returncode == 0 and f"network.port  {endpoint.port} -> 8443" in result.stdout, result.stderr
+    # `run` never adopts a deployment it did not create
+    result = cli("run", "tiny-mistral", "--cloud", "local", "--name", endpoint.name, "--", "true", env=endpoint.env,
+                 timeout=60)
     assert result.returncode == 6 and "already exists" in result.stderr
     assert "Traceback" not in result.stderr
-    assert read_deployed(endpoint.name, endpoint.home, endpoint.env).record["phase"] == "ready"
+    after = read_deployed(endpoint.name, endpoint.home, endpoint.env)
+    assert after.record["phase"] == "ready" and after.port == endpoint.port and after.pids == endpoint.pids
 
 
 def test_a_busy_port_is_one_line_naming_the_flag(endpoint):

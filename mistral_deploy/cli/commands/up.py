@@ -119,13 +119,22 @@ def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "Stat
         plan.price_before = existing.details.get("hourly_price")
         moves = plan.needs("new-cluster") or plan.needs("service-update")
         plan.price_after = estimate_price(asked) if moves else plan.price_before
-        if dry_run:
-            if json_out:
-                out.json({**plan.to_json(), "dry_run": True})
-            else:
-                out.data("\n".join(plan.lines()))
-            return
         backend = backend_named(existing.backend)
+        if dry_run:
+            repair = None
+            if not plan.changes:
+                status = backend.status(existing)
+                if not status.get("healthy"):
+                    repair = status.get("error") or f"phase {status.get('phase')}, not answering"
+            if json_out:
+                out.json({**plan.to_json(), "dry_run": True, "repair": repair})
+            else:
+                lines = plan.lines()
+                if repair:
+                    lines = [f"{name}: no change to the recipe, but it does not answer ({repair}); `up` would "
+                             f"start it again"]
+                out.data("\n".join(lines))
+            return
         progress = Progress()
         result: dict[str, Any] = {}
         try:

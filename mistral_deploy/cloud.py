@@ -909,11 +909,15 @@ class ServeBackend(_CloudBase):
         secrets = {**launch_secrets(recipe),
                    KEY_HASHES_SECRET: hashes_secret({**hashes_for(keys), PROBE_KEY_ID: key_hash(probe_key)}),
                    PROBE_KEY_SECRET: probe_key}
-        progress.phase("service-update", f"sky serve update {service_name} (rolling)")
+        blue_green = recipe.replicas is not None and recipe.replicas.update == "blue-green"
+        mode = "blue-green" if blue_green else "rolling"
+        progress.phase("service-update", f"sky serve update {service_name} ({mode})")
         self.sdk.serve_update(task_config, service_name=service_name, secrets=secrets,
-                              global_config=cloud_config(recipe))
-        progress.done(f"{deployment.name}: update submitted; SkyServe replaces the replicas one at a time "
-                      f"(`mistral-deploy status {deployment.name}` shows them)")
+                              global_config=cloud_config(recipe), blue_green=blue_green)
+        how = ("SkyServe switches to the new replicas once they are ready" if blue_green
+               else "SkyServe replaces the replicas one at a time")
+        progress.done(f"{deployment.name}: update submitted; {how} (`mistral-deploy status {deployment.name}` "
+                      f"shows them)")
 
     @staticmethod
     def _check_service(recipe: "Recipe") -> None:

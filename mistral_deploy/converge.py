@@ -35,7 +35,8 @@ WHAT_IT_COSTS = {
                       "requests fail until the model is loaded again",
     "new-cluster": "new cluster: launched, then the endpoint switches to it (a new address) and the old "
                    "one is removed",
-    "service-update": "sky serve update: replicas are replaced one at a time (rolling)",
+    "service-update": "sky serve update: replicas are replaced one at a time (rolling), or switched all at once "
+                      "once the new ones are ready (replicas.update: blue-green)",
 }
 
 # The first matching prefix decides. On a cloud, everything the VM is or where it runs needs a new cluster;
@@ -51,7 +52,7 @@ _LOCAL_RULES: tuple[tuple[str, str], ...] = (
     ("resources.", "record"),  # GPU, region, spot: nothing to do with this machine
 )
 _CLOUD_RULES: tuple[tuple[str, str], ...] = (
-    ("description", "record"), ("health.", "record"), ("auth.keys", "record"),
+    ("description", "record"), ("health.", "record"), ("auth.keys", "record"), ("replicas.update", "record"),
     ("lifetime.ttl", "ttl"),
     ("network.allow", "gateway-reload"), ("network.max_body_size", "gateway-reload"),
     ("auth.enabled", "gateway-reload"),

@@ -341,6 +341,9 @@ class ReplicasSpec(_Spec):
     min: int = Field(1, ge=0, le=100)
     max: Optional[int] = Field(None, ge=1, le=100)
     target_qps: Optional[float] = Field(None, gt=0, description="per replica, for autoscaling")
+    update: Literal["rolling", "blue-green"] = Field(
+        "rolling", description="how `up` applies a change to a running service (sky serve update): replicas "
+                               "replaced one at a time, or all switched at once once the new ones are ready")
 
     @model_validator(mode="before")
     @classmethod

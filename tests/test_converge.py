@@ -363,3 +363,14 @@ def test_dry_run_says_when_the_same_recipe_would_repair(fake: FakeSky, tmp_path:
     result = run_cli("up", path, "--dry-run")
     assert result.exit_code == 0 and "does not answer" in result.stdout and "serving job" in result.stdout
     assert [c.method for c in fake.calls if c.method == "cancel_job"] == []
+
+
+def test_a_service_asks_for_blue_green_in_its_recipe(fake: FakeSky, tmp_path: Path) -> None:
+    service = {"network": {"allow": ["0.0.0.0/0", "::/0"]}}
+    _up(_write(tmp_path, _recipe(replicas={"min": 1}, **service)))
+    plan = json.loads(run_cli("up", _write(tmp_path, _recipe(replicas={"min": 1, "update": "blue-green"}, **service)),
+                              "--dry-run", "--json").stdout)
+    assert [(c["field"], c["effect"]) for c in plan["changes"]] == [("replicas.update", "record")]
+    _up(_write(tmp_path, _recipe(replicas={"min": 2, "update": "blue-green"}, **service)))
+    update = next(c for c in fake.calls if c.method == "serve_update")
+    assert update.args["blue_green"] is True

@@ -405,5 +405,6 @@ def test_changes_apply_in_place_on_the_running_cluster(testbed: Bed, bed_client:
         tunnel.wait(timeout=30)
     down = bed_client.cli("down", name)
     assert down.returncode == 0, down.stderr
-    assert bed_client.clusters() == [] and testbed.containers() == []
+    assert bed_client.clusters() == []
+    wait_until("the containers' removal", lambda: testbed.containers() == [], timeout=60, every=2)
     testbed.clean()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
 
 if TYPE_CHECKING:
+    from mistral_deploy.converge import Plan
     from mistral_deploy.progress import Progress
     from mistral_deploy.recipe import Recipe
     from mistral_deploy.state import Deployment, StateStore
@@ -28,6 +29,15 @@ class Backend(Protocol):
 
     def logs(self, deployment: "Deployment", *, follow: bool, lines: int) -> Iterator[str]:
         """The engine's (and gateway's) log lines; never a secret."""
+
+    def apply(self, deployment: "Deployment", recipe: "Recipe", plan: "Plan", store: "StateStore",
+              progress: "Progress") -> "Deployment":
+        """Take a recorded deployment to `recipe` the cheapest way the plan allows (converge.py), and start
+        again whatever of it stopped; return once it answers."""
+
+    def apply_keys(self, deployment: "Deployment", keys: dict[str, str], store: "StateStore",
+                   progress: "Progress") -> None:
+        """The gateway accepts exactly `keys` ({id: key}) from now on; requests in flight finish."""
 
 
 def backend_named(kind: str) -> Backend:

@@ -318,6 +318,10 @@ class LocalBackend:
         restart_engine = (plan.needs("engine-restart") or not processes.alive(engine_ref)
                           or deployment.phase != "ready")
         restart_gateway = plan.needs("gateway-restart") or not processes.alive(gateway_ref)
+        tmpdir = details.get("tmpdir")
+        if not tmpdir or not Path(tmpdir).is_dir():  # the system's temp folder was emptied (a reboot)
+            tmpdir = None
+            restart_engine = True
         nginx = find_nginx()
         require_njs()
         python = engine.engine_python() if restart_engine else ""
@@ -332,10 +336,8 @@ class LocalBackend:
                 raise EngineError(f"network.port (--port): {problem}; pick another")
         keys = store.read_keys(name)
 
-        tmpdir = details.get("tmpdir")
-        if not tmpdir or not Path(tmpdir).is_dir():  # the system's temp folder was emptied (a reboot)
+        if tmpdir is None:
             tmpdir = tempfile.mkdtemp(prefix=f"md-{name[:12]}-")
-            restart_engine = True
         engine_socket = str(Path(tmpdir) / ENGINE_SOCKET)
         if restart_engine:
             progress.phase("engine-stop", f"pid {engine_ref.pid}" if engine_ref else "not running")

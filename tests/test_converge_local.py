@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import threading
@@ -230,6 +231,8 @@ def test_a_dead_engine_shows_in_status_and_up_starts_it_again(converging):
     before = _deployed(converging)
     engine_pid = before.pids[0]
     os.killpg(engine_pid, signal.SIGKILL)
+    # and its private folder gone, as a reboot empties the system's temp folder
+    shutil.rmtree(Path(before.engine_socket).parent)
     deadline = time.monotonic() + 30
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -243,5 +246,6 @@ def test_a_dead_engine_shows_in_status_and_up_starts_it_again(converging):
     assert "repair" in repaired.stderr
     after = _deployed(converging)
     assert after.pids[0] != engine_pid and after.pids[1] == before.pids[1] and after.endpoint == before.endpoint
+    assert after.engine_socket != before.engine_socket and Path(after.engine_socket).is_socket()
     status = json.loads(cli("status", NAME, "--json", env=converging["env"]).stdout)
     assert status["phase"] == "ready" and status["healthy"] is True

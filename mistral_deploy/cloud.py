@@ -577,8 +577,8 @@ class CloudBackend(_CloudBase):
 
         cluster_name = deployment.details["cluster"]
         progress.phase("gateway-reload", f"the keys of {cluster_name}'s gateway")
-        sdk_script = render_gateway_reload(deployment.recipe_model(), config=False, hashes=hashes_for(keys))
-        self.sdk.run_on_head(cluster_name, sdk_script)
+        script = render_gateway_reload(deployment.recipe_model(), config=False, hashes=hashes_for(keys))
+        self.sdk.run_on_head(cluster_name, script)
 
     def set_ttl(self, deployment: Deployment, ttl: Optional[float], store: "StateStore", progress: "Progress") -> None:
         """`mistral-deploy ttl NAME 2h`: the cluster ends `ttl` seconds from now (None: never)."""

@@ -9,12 +9,15 @@ service: requests in flight finish, a revoked key's next request is refused.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from mistral_deploy.cli import app
 from mistral_deploy.cli._output import Output
+
+if TYPE_CHECKING:
+    from mistral_deploy.state import Deployment, StateStore
 
 keys_app = typer.Typer(help="List, add and revoke a deployment's API keys (applied live).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -108,7 +111,7 @@ def revoke(name: NameArg, key_id: Annotated[str, typer.Argument(help="The id of 
         out.info(f"{name}: key {key_id} revoked")
 
 
-def _apply(deployment, keys: dict[str, str], store) -> None:  # type: ignore[no-untyped-def]
+def _apply(deployment: "Deployment", keys: dict[str, str], store: "StateStore") -> None:
     """The gateway first, then the keys file: a key is listed as long as the gateway may accept it."""
     from mistral_deploy.backends import backend_named
     from mistral_deploy.progress import Progress

@@ -296,7 +296,7 @@ class CloudBackend(_CloudBase):
             cluster = result.cluster
             price = sdk.hourly_price(cluster)
             deployment.details.update(_cluster_details(cluster), job_id=result.job_id, hourly_price=price,
-                                      ends_at=time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None)
+                                      ends_at=_ends_at(recipe))
             store.save(deployment)
             if deployment.details["last_phase"] == "provisioning":
                 phase("setup", f"{cluster.instance_type or ''} in {cluster.cloud}/{cluster.region}".strip())
@@ -447,7 +447,7 @@ class CloudBackend(_CloudBase):
         # the end time stays where it was unless the TTL itself changed: SkyPilot counts from the launch
         ends_at = details.get("ends_at")
         if plan.needs("ttl") or not ends_at:
-            ends_at = time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None
+            ends_at = _ends_at(recipe)
         left = None if ends_at is None else max(60, math.ceil(ends_at - time.time()))
         task_config = render_task(recipe.model_copy(update={"lifetime": LifetimeSpec(ttl=left)}))
         keys = store.read_keys(deployment.name)
@@ -533,7 +533,7 @@ class CloudBackend(_CloudBase):
                                 global_config=cloud_config(recipe), on_line=lambda _line: None)
             staged.details.update(_cluster_details(result.cluster), job_id=result.job_id,
                                   hourly_price=sdk.hourly_price(result.cluster),
-                                  ends_at=time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None)
+                                  ends_at=_ends_at(recipe))
             self._until_ready(recipe, staged, staging, result.cluster, result.job_id, hf_token,
                               next(iter(keys.values())), phase, held)
         except BaseException as exc:
@@ -1037,6 +1037,11 @@ class ServeBackend(_CloudBase):
         if replica is None:
             return iter(())
         return self.sdk.serve_logs(service, replica_id=replica, follow=follow, lines=lines)
+
+
+def _ends_at(recipe: "Recipe") -> Optional[float]:
+    """When a cluster launched now with the recipe's TTL tears itself down (None: never)."""
+    return time.time() + recipe.lifetime.ttl if recipe.lifetime.ttl else None
 
 
 def cost_so_far(deployment: Deployment) -> Optional[float]:

@@ -23,9 +23,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import pytest
+
 from mistral_deploy import skysdk
 from mistral_deploy.gateway import key_hash
-from mistral_deploy.render import KEY_HASHES_SECRET, PROBE_KEY_SECRET
+from mistral_deploy.render import HF_TOKEN_SECRET, KEY_HASHES_SECRET, PROBE_KEY_SECRET
 from mistral_deploy.skysdk import ClusterInfo, LaunchResult, ReplicaInfo, ServiceInfo, Tunnel
 
 
@@ -464,3 +466,26 @@ def skypilot_api_servers() -> set[int]:
         if "sky.server.server" in args:
             pids.add(int(pid))
     return pids
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures (imported by the test modules that use them)
+
+HF = "hf_test_token_not_real_0123456789"  # a gated model's token, as the user exports it
+
+
+@pytest.fixture
+def vm() -> Iterator[VmEndpoint]:
+    endpoint = VmEndpoint(served_model="mistral-7b-instruct")
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def fake(vm: VmEndpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
+    sky = FakeSky(vm)
+    skysdk.set_sdk(sky)
+    monkeypatch.setenv(HF_TOKEN_SECRET, HF)
+    yield sky
+    skysdk.set_sdk(None)
+    sky.close_tunnels()

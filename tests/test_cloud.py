@@ -12,12 +12,12 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from cloud_support import FakeSky, VmEndpoint, probe_key_of
+from cloud_support import HF, FakeSky, VmEndpoint, fake, probe_key_of, vm  # noqa: F401  (fixtures)
 from mistral_deploy import skysdk
 from mistral_deploy.cloud import CloudBackend, ServeBackend, backend_for_kind
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
@@ -29,7 +29,6 @@ from mistral_deploy.state import StateStore
 # the readiness probe is mistral_deploy.probe (written beside the local backend)
 pytest.importorskip("mistral_deploy.probe")
 
-HF = "hf_test_token_not_real_0123456789"
 FAST_HEALTH = {"readiness_timeout": 30, "probe_interval": 0.05, "probe_timeout": 5}
 
 
@@ -72,23 +71,6 @@ def make_recipe(ref: str = "mistral-7b-instruct", *, extra: dict[str, Any] | Non
     data["health"] = dict(FAST_HEALTH)
     data.update(extra or {})
     return validate_recipe_data(data, "test").recipe
-
-
-@pytest.fixture
-def vm() -> Iterator[VmEndpoint]:
-    endpoint = VmEndpoint(served_model="mistral-7b-instruct")
-    yield endpoint
-    endpoint.stop()
-
-
-@pytest.fixture
-def fake(vm: VmEndpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSky]:
-    sky = FakeSky(vm)
-    skysdk.set_sdk(sky)
-    monkeypatch.setenv(HF_TOKEN_SECRET, HF)
-    yield sky
-    skysdk.set_sdk(None)
-    sky.close_tunnels()
 
 
 @pytest.fixture

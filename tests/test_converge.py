@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from _cli import run_cli
-from cloud_support import FakeSky, VmEndpoint
-from mistral_deploy import skysdk
+from cloud_support import HF, FakeSky, VmEndpoint, fake, vm  # noqa: F401  (fixtures)
 from mistral_deploy.converge import diff, flatten
 from mistral_deploy.errors import RecipeError
 from mistral_deploy.gateway import key_hash
@@ -25,7 +24,6 @@ from mistral_deploy.recipe import Overrides, Recipe, load_recipe, validate_recip
 from mistral_deploy.render import HF_TOKEN_SECRET, KEY_HASHES_SECRET
 from mistral_deploy.state import StateStore
 
-HF = "hf_test_token_not_real_0123456789"
 FAST_HEALTH = {"readiness_timeout": 30, "probe_interval": 0.05, "probe_timeout": 5}
 
 
@@ -135,16 +133,10 @@ def test_keys_file_holds_ids_and_reads_the_one_key_per_line_format_too(tmp_path:
 
 
 @pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    vm = VmEndpoint(served_model="mistral-7b-instruct")
+def cloud(fake: FakeSky, vm: VmEndpoint, tmp_path: Path) -> FakeSky:
+    """The SDK stood in for, its VM's gateway serving TLS (made the way setup.sh makes it)."""
     vm.start(tls_dir=tmp_path / "tls")
-    sky = FakeSky(vm)
-    skysdk.set_sdk(sky)
-    monkeypatch.setenv(HF_TOKEN_SECRET, HF)
-    yield sky
-    skysdk.set_sdk(None)
-    sky.close_tunnels()
-    vm.stop()
+    return fake
 
 
 def _write(tmp_path: Path, recipe: Recipe) -> str:
@@ -160,62 +152,62 @@ def _up(path: str, *args: str) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def _methods(fake: FakeSky) -> list[str]:
-    return [c.method for c in fake.calls if c.method not in ("cluster", "job_finished", "tail_job",
+def _methods(cloud: FakeSky) -> list[str]:
+    return [c.method for c in cloud.calls if c.method not in ("cluster", "job_finished", "tail_job",
                                                              "offered_gpus", "hourly_price", "open_tunnel")]
 
 
-def test_cloud_changes_are_applied_the_cheapest_way(fake: FakeSky, tmp_path: Path) -> None:
+def test_cloud_changes_are_applied_the_cheapest_way(cloud: FakeSky, tmp_path: Path) -> None:
     first = _up(_write(tmp_path, _recipe()))
     endpoint = first["endpoint"]
     store = StateStore()
     key = store.read_api_keys("mistral-7b-instruct")[0]
-    fake.calls.clear()
+    cloud.calls.clear()
 
     # the same recipe: a status check, nothing else
     same = _up(_write(tmp_path, _recipe()))
-    assert same["unchanged"] is True and _methods(fake) == []
+    assert same["unchanged"] is True and _methods(cloud) == []
 
     # a gateway change: the new configuration over SSH, nothing launched
     gateway = _up(_write(tmp_path, _recipe(limits={"requests_per_minute": 60})))
-    assert gateway["plan"]["effect"] == "gateway-reload" and _methods(fake) == ["run_on_head"]
-    script = fake.calls[-1].args["script"] if fake.calls[-1].method == "run_on_head" else next(
-        c.args["script"] for c in fake.calls if c.method == "run_on_head")
+    assert gateway["plan"]["effect"] == "gateway-reload" and _methods(cloud) == ["run_on_head"]
+    script = cloud.calls[-1].args["script"] if cloud.calls[-1].method == "run_on_head" else next(
+        c.args["script"] for c in cloud.calls if c.method == "run_on_head")
     assert "rate=60r/m" in script and key not in script
-    fake.calls.clear()
+    cloud.calls.clear()
 
     # an engine change: the job cancelled and the new task launched on the same cluster, same keys
     engine = _up(_write(tmp_path, _recipe(limits={"requests_per_minute": 60}, model={"max_model_len": 4096})))
     assert engine["plan"]["effect"] == "engine-restart" and engine["endpoint"] == endpoint
     # (a gated model: the token goes over SSH again; the certificate is read and is the same)
-    assert _methods(fake) == ["cancel_job", "launch", "write_head_file", "read_head_file", "endpoint"]
-    launch = next(c for c in fake.calls if c.method == "launch")
+    assert _methods(cloud) == ["cancel_job", "launch", "write_head_file", "read_head_file", "endpoint"]
+    launch = next(c for c in cloud.calls if c.method == "launch")
     assert launch.args["cluster_name"] == "md-mistral-7b-instruct"
     assert launch.args["secrets"][KEY_HASHES_SECRET] == f"key-1:{key_hash(key)}"
     assert "--max-model-len 4096" in launch.args["task_config"]["run"]
     record = store.load("mistral-7b-instruct")
     assert record.details["job_id"] == 2 and record.phase == "ready"
     assert record.recipe["model"]["max_model_len"] == 4096
-    fake.calls.clear()
+    cloud.calls.clear()
 
     # another GPU: a new cluster, ready before the switch, then the old one removed
     moved = _up(_write(tmp_path, _recipe(limits={"requests_per_minute": 60}, model={"max_model_len": 4096},
                                          resources={"gpu": "L4"})))
     assert moved["plan"]["effect"] == "new-cluster"
-    launches = [c for c in fake.calls if c.method == "launch"]
+    launches = [c for c in cloud.calls if c.method == "launch"]
     assert [c.args["cluster_name"] for c in launches] == ["md-mistral-7b-instruct-2"]
     assert launches[0].args["secrets"][KEY_HASHES_SECRET] == f"key-1:{key_hash(key)}"
-    downs = [c.args["cluster_name"] for c in fake.calls if c.method == "down"]
+    downs = [c.args["cluster_name"] for c in cloud.calls if c.method == "down"]
     assert downs == ["md-mistral-7b-instruct"]
-    assert _methods(fake).index("launch") < _methods(fake).index("down")
+    assert _methods(cloud).index("launch") < _methods(cloud).index("down")
     record = store.load("mistral-7b-instruct")
     assert record.details["cluster"] == "md-mistral-7b-instruct-2" and "next_cluster" not in record.details
-    assert Path(record.tls_ca).read_text() == fake.vm.cert_pem and record.tls_ca == first["tls_ca"]
+    assert Path(record.tls_ca).read_text() == cloud.vm.cert_pem and record.tls_ca == first["tls_ca"]
     assert run_cli("down", "mistral-7b-instruct").exit_code == 0
-    assert fake.calls[-1].method == "down" and fake.calls[-1].args["cluster_name"] == "md-mistral-7b-instruct-2"
+    assert cloud.calls[-1].method == "down" and cloud.calls[-1].args["cluster_name"] == "md-mistral-7b-instruct-2"
 
 
-def test_a_failed_move_keeps_the_old_cluster_serving(fake: FakeSky, tmp_path: Path) -> None:
+def test_a_failed_move_keeps_the_old_cluster_serving(cloud: FakeSky, tmp_path: Path) -> None:
     from sky import exceptions as sx
 
     _up(_write(tmp_path, _recipe()))
@@ -223,17 +215,17 @@ def test_a_failed_move_keeps_the_old_cluster_serving(fake: FakeSky, tmp_path: Pa
     def refuse() -> None:
         raise sx.ResourcesUnavailableError("Failed to provision all possible launchable resources.")
 
-    fake.launch_raises = refuse
+    cloud.launch_raises = refuse
     os.environ[HF_TOKEN_SECRET] = HF
     result = run_cli("up", _write(tmp_path, _recipe(resources={"gpu": "L4"})))
     assert result.exit_code == 9 and "still serves from md-mistral-7b-instruct, unchanged" in result.stderr
     record = StateStore().load("mistral-7b-instruct")
     assert record.details["cluster"] == "md-mistral-7b-instruct" and record.phase == "ready"
     assert "next_cluster" not in record.details and record.recipe["resources"]["gpu"] == [{"name": "A10G", "count": 1}]
-    assert "md-mistral-7b-instruct-2" not in fake.clusters
+    assert "md-mistral-7b-instruct-2" not in cloud.clusters
 
 
-def test_keys_add_and_revoke_reach_the_vms_gateway(fake: FakeSky, tmp_path: Path) -> None:
+def test_keys_add_and_revoke_reach_the_vms_gateway(cloud: FakeSky, tmp_path: Path) -> None:
     import httpx
 
     up = _up(_write(tmp_path, _recipe()))
@@ -250,7 +242,7 @@ def test_keys_add_and_revoke_reach_the_vms_gateway(fake: FakeSky, tmp_path: Path
                          verify=ssl.create_default_context(cafile=ca)).status_code
 
     assert status(new["key"]) == 200
-    script = next(c.args["script"] for c in reversed(fake.calls) if c.method == "run_on_head")
+    script = next(c.args["script"] for c in reversed(cloud.calls) if c.method == "run_on_head")
     assert new["key"] not in script and key_hash(new["key"]) in script
     assert run_cli("keys", "revoke", "mistral-7b-instruct", "key-2").exit_code == 0
     assert status(new["key"]) == 401
@@ -260,13 +252,13 @@ def test_keys_add_and_revoke_reach_the_vms_gateway(fake: FakeSky, tmp_path: Path
     assert bad.exit_code == 3 and "--id" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_ttl_sets_the_end_from_now_and_status_shows_time_left_and_cost(fake: FakeSky, tmp_path: Path) -> None:
+def test_ttl_sets_the_end_from_now_and_status_shows_time_left_and_cost(cloud: FakeSky, tmp_path: Path) -> None:
     up = run_cli("up", _write(tmp_path, _recipe()))
     assert up.exit_code == 0 and "ends:     never: no TTL" in up.stdout
     result = run_cli("ttl", "mistral-7b-instruct", "2h", "--json")
     assert result.exit_code == 0, result.stderr
     assert 7190 <= json.loads(result.stdout)["time_left_seconds"] <= 7200
-    assert fake.calls[-1].method == "autostop" and fake.calls[-1].args["minutes"] == 120
+    assert cloud.calls[-1].method == "autostop" and cloud.calls[-1].args["minutes"] == 120
     status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
     assert status["autostop_minutes"] == 120 and 7100 < status["time_left_seconds"] <= 7200
     assert status["cost_so_far"] is not None and status["cost_so_far"] >= 0
@@ -275,7 +267,7 @@ def test_ttl_sets_the_end_from_now_and_status_shows_time_left_and_cost(fake: Fak
     # the recipe on record carries the new TTL: `up` with a 2h TTL is no change
     assert StateStore().load("mistral-7b-instruct").recipe["lifetime"]["ttl"] == 7200
     assert run_cli("ttl", "mistral-7b-instruct", "none").exit_code == 0
-    assert fake.calls[-1].args["minutes"] is None
+    assert cloud.calls[-1].args["minutes"] is None
     assert run_cli("ttl", "mistral-7b-instruct", "soon").exit_code == 3
 
 
@@ -289,37 +281,37 @@ def test_ttl_of_a_local_deployment_is_refused_by_name(tmp_path: Path) -> None:
     assert result.exit_code == 3 and "runs on this machine" in result.stderr
 
 
-def test_run_on_a_cloud_gets_a_default_ttl_unless_told_none(fake: FakeSky, tmp_path: Path) -> None:
+def test_run_on_a_cloud_gets_a_default_ttl_unless_told_none(cloud: FakeSky, tmp_path: Path) -> None:
     path = _write(tmp_path, _recipe())
     result = run_cli("run", path, "--", "true")
     assert result.exit_code == 0, result.stderr
-    launch = next(c for c in fake.calls if c.method == "launch")
+    launch = next(c for c in cloud.calls if c.method == "launch")
     assert launch.args["task_config"]["resources"]["autostop"]["idle_minutes"] == 120
-    fake.calls.clear()
+    cloud.calls.clear()
     os.environ[HF_TOKEN_SECRET] = HF
     result = run_cli("run", path, "--ttl", "none", "--", "true")
     assert result.exit_code == 0, result.stderr
-    launch = next(c for c in fake.calls if c.method == "launch")
+    launch = next(c for c in cloud.calls if c.method == "launch")
     assert "autostop" not in launch.args["task_config"]["resources"]
 
 
-def test_status_says_when_the_serving_job_ended(fake: FakeSky, tmp_path: Path) -> None:
+def test_status_says_when_the_serving_job_ended(cloud: FakeSky, tmp_path: Path) -> None:
     _up(_write(tmp_path, _recipe()))
-    fake.vm.ready = False
-    fake.job_ends = True
+    cloud.vm.ready = False
+    cloud.job_ends = True
     status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
     assert status["phase"] == "down" and "serving job" in status["error"] and status["healthy"] is False
 
 
-def test_a_service_update_keeps_its_certificate_and_the_load_balancer(fake: FakeSky, tmp_path: Path) -> None:
+def test_a_service_update_keeps_its_certificate_and_the_load_balancer(cloud: FakeSky, tmp_path: Path) -> None:
     service = {"replicas": {"min": 1}, "network": {"allow": ["0.0.0.0/0", "::/0"]}}
     up = _up(_write(tmp_path, _recipe(**service)))
     up_service = StateStore().load("mistral-7b-instruct").details["service"]
     ca = Path(up["tls_ca"]).read_bytes()
-    fake.calls.clear()
+    cloud.calls.clear()
     changed = _up(_write(tmp_path, _recipe(**service, model={"max_model_len": 4096})))
     assert changed["plan"]["effect"] == "service-update"
-    update = next(c for c in fake.calls if c.method == "serve_update")
+    update = next(c for c in cloud.calls if c.method == "serve_update")
     # the service the first `up` made (relaunched as -lb: its controller was new, see cloud.py)
     assert update.args["blue_green"] is False and update.args["service_name"] == up_service
     assert "--max-model-len 4096" in update.args["task_config"]["run"]
@@ -331,46 +323,46 @@ def test_a_service_update_keeps_its_certificate_and_the_load_balancer(fake: Fake
     assert task["envs"]["MISTRAL_DEPLOY_LOAD_BALANCER"] == StateStore().load("mistral-7b-instruct").details["load_balancer"]
 
 
-def test_up_launches_a_vanished_cluster_again_with_the_same_keys(fake: FakeSky, tmp_path: Path) -> None:
+def test_up_launches_a_vanished_cluster_again_with_the_same_keys(cloud: FakeSky, tmp_path: Path) -> None:
     path = _write(tmp_path, _recipe())
     _up(path)
     key = StateStore().read_api_keys("mistral-7b-instruct")[0]
-    fake.clusters.clear()  # its TTL, `sky down` or the cloud removed it
+    cloud.clusters.clear()  # its TTL, `sky down` or the cloud removed it
     status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
     assert status["phase"] == "gone"
-    fake.calls.clear()
+    cloud.calls.clear()
     again = _up(path)
     assert again["recreated"] is True and again["phase"] == "ready"
-    assert [c.args["cluster_name"] for c in fake.calls if c.method == "launch"] == ["md-mistral-7b-instruct"]
+    assert [c.args["cluster_name"] for c in cloud.calls if c.method == "launch"] == ["md-mistral-7b-instruct"]
     assert StateStore().read_api_keys("mistral-7b-instruct") == [key]
     assert json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)["healthy"] is True
 
 
-def test_dry_run_of_a_new_deployment_creates_nothing(fake: FakeSky, tmp_path: Path) -> None:
+def test_dry_run_of_a_new_deployment_creates_nothing(cloud: FakeSky, tmp_path: Path) -> None:
     result = run_cli("up", _write(tmp_path, _recipe()), "--dry-run", "--json")
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["effect"] == "create" and plan["dry_run"] is True
-    assert [c.method for c in fake.calls if c.method in ("launch", "serve_up")] == []
+    assert [c.method for c in cloud.calls if c.method in ("launch", "serve_up")] == []
     assert StateStore().list() == []
 
 
-def test_dry_run_says_when_the_same_recipe_would_repair(fake: FakeSky, tmp_path: Path) -> None:
+def test_dry_run_says_when_the_same_recipe_would_repair(cloud: FakeSky, tmp_path: Path) -> None:
     path = _write(tmp_path, _recipe())
     _up(path)
-    fake.vm.ready = False
-    fake.job_ends = True
+    cloud.vm.ready = False
+    cloud.job_ends = True
     result = run_cli("up", path, "--dry-run")
     assert result.exit_code == 0 and "does not answer" in result.stdout and "serving job" in result.stdout
-    assert [c.method for c in fake.calls if c.method == "cancel_job"] == []
+    assert [c.method for c in cloud.calls if c.method == "cancel_job"] == []
 
 
-def test_a_service_asks_for_blue_green_in_its_recipe(fake: FakeSky, tmp_path: Path) -> None:
+def test_a_service_asks_for_blue_green_in_its_recipe(cloud: FakeSky, tmp_path: Path) -> None:
     service = {"network": {"allow": ["0.0.0.0/0", "::/0"]}}
     _up(_write(tmp_path, _recipe(replicas={"min": 1}, **service)))
     plan = json.loads(run_cli("up", _write(tmp_path, _recipe(replicas={"min": 1, "update": "blue-green"}, **service)),
                               "--dry-run", "--json").stdout)
     assert [(c["field"], c["effect"]) for c in plan["changes"]] == [("replicas.update", "record")]
     _up(_write(tmp_path, _recipe(replicas={"min": 2, "update": "blue-green"}, **service)))
-    update = next(c for c in fake.calls if c.method == "serve_update")
+    update = next(c for c in cloud.calls if c.method == "serve_update")
     assert update.args["blue_green"] is True

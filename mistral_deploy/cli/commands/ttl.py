@@ -21,7 +21,7 @@ def ttl(
     deployment without a TTL (local, a service); 5: no such deployment; 9: the cloud refused."""
     import time
 
-    from mistral_deploy.backends import backend_named
+    from mistral_deploy.cloud import CloudBackend
     from mistral_deploy.cli.commands._lifecycle import lifetime_text
     from mistral_deploy.errors import RecipeError
     from mistral_deploy.progress import Progress
@@ -46,7 +46,7 @@ def ttl(
             raise RecipeError(f"{name} {what}: it has no TTL to set")
         progress = Progress()
         try:
-            backend_named("cloud").set_ttl(deployment, seconds, store, progress)  # type: ignore[attr-defined]
+            CloudBackend().set_ttl(deployment, seconds, store, progress)
         finally:
             progress.close()
     if json_out:

@@ -11,7 +11,9 @@ docs/cloud.md.
   failure.
 - `bed_client` (module): a SkyPilot client home that knows the bed (~/.slurm/config, ~/.sky/config.yaml,
   the seeded catalog), shared by a module's CLI calls so that SkyPilot's API server starts once; the
-  API server is stopped at the module's end.
+  API server is stopped at the module's end. It listens on a port of its own, free when the module
+  starts (SKYPILOT_API_SERVER_LOCAL_PORT; its request queue's port follows it), not on SkyPilot's fixed
+  46580/50011, which a socket of an earlier test can still hold (the server then exits at start).
 - Each test that uses the bed calls `bed.clean()` at its end: no cluster, Slurm job, container or node
   process is left behind (`sky down` does not remove containers on the bed: on a cloud the VM goes with
   them).
@@ -203,8 +205,22 @@ class BedClient:
     def cli(self, *args: str, timeout: float = 900, env: Optional[dict[str, str]] = None
             ) -> subprocess.CompletedProcess[str]:
         assert CLI, "mistral-deploy is not installed: pip install -e '.[test]'"
-        return subprocess.run([CLI, *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
+        done = subprocess.run([CLI, *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
+        if done.returncode != 0 and "API server" in done.stderr:
+            # what SkyPilot's API server said, in the test's failure (its log is gone with the machine in CI)
+            done.stderr += f"\n--- {self.server_log} (tail) ---\n{self.server_log_tail()}"
+        return done
+
+    @property
+    def server_log(self) -> Path:
+        return Path(self.env["SKY_RUNTIME_DIR"]) / ".sky" / "api_server" / "server.log"
+
+    def server_log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.server_log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc.strerror})"
 
     def sky(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         assert SKY, "SkyPilot's `sky` is not installed"
@@ -254,9 +270,33 @@ def client_env(root: Path, bed: Bed) -> dict[str, str]:
         f"{bed.gpu},\"['AWS', 'Slurm']\"" if row.split(",", 1)[0] == bed.gpu else row for row in rows) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLOUD_ENV_PREFIXES)}
     env.update(HOME=str(home), SKY_RUNTIME_DIR=str(runtime), SKYPILOT_DISABLE_USAGE_COLLECTION="1",
+               SKYPILOT_API_SERVER_LOCAL_PORT=str(api_server_port()),
                AWS_EC2_METADATA_DISABLED="true", MISTRAL_DEPLOY_HOME=str(root / "state"), NO_COLOR="1",
                CI="1", COLUMNS="120", PYTHONUNBUFFERED="1")
     return env
+
+
+def api_server_port() -> int:
+    """A port for SkyPilot's API server that is free now, and whose request-queue port is free too."""
+    import socket
+    from unittest import mock
+
+    from sky.server.requests.queues import mp_queue
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with mock.patch.dict(os.environ, {"SKYPILOT_API_SERVER_LOCAL_PORT": str(port)}):
+            queue_port = mp_queue.get_queue_manager_port()  # SkyPilot's own rule
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", queue_port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair for SkyPilot's API server")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,23 @@ GIB = 1024**3
 
 # Architectures of the models the built-in recipes use (from each model's config.json).
 KNOWN_ARCHITECTURES: dict[str, Architecture] = {
-    "mistralai/Mistral-7B-v0.1": Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128),
-    "mistralai/Mistral-7B-Instruct-v0.3": Architecture(params_b=7.25, layers=32, kv_heads=8, head_dim=128),
-    "mistralai/Mixtral-8x7B-Instruct-v0.1": Architecture(params_b=46.7, layers=32, kv_heads=8, head_dim=128),
-    "mistralai/Mistral-Nemo-Instruct-2407": Architecture(params_b=12.2, layers=40, kv_heads=8, head_dim=128),
-    "mistralai/Mistral-Small-24B-Instruct-2501": Architecture(params_b=23.6, layers=40, kv_heads=8, head_dim=128),
-    "mistralai/Codestral-22B-v0.1": Architecture(params_b=22.2, layers=56, kv_heads=8, head_dim=128),
+    "mistralai/Mistral-7B-v0.1": Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128, hidden=4096,
+                                              vocab=32000),
+    "mistralai/Mistral-7B-Instruct-v0.3": Architecture(params_b=7.25, layers=32, kv_heads=8, head_dim=128,
+                                                       hidden=4096, vocab=32768),
+    # 4-bit quantizations of Mistral 7B Instruct v0.2 (its architecture: 7.24 B parameters, vocab 32000)
+    "TheBloke/Mistral-7B-Instruct-v0.2-AWQ": Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128,
+                                                          hidden=4096, vocab=32000),
+    "TheBloke/Mistral-7B-Instruct-v0.2-GPTQ": Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128,
+                                                           hidden=4096, vocab=32000),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": Architecture(params_b=46.7, layers=32, kv_heads=8, head_dim=128,
+                                                         hidden=4096, vocab=32000),
+    "mistralai/Mistral-Nemo-Instruct-2407": Architecture(params_b=12.2, layers=40, kv_heads=8, head_dim=128,
+                                                         hidden=5120, vocab=131072),
+    "mistralai/Mistral-Small-24B-Instruct-2501": Architecture(params_b=23.6, layers=40, kv_heads=8, head_dim=128,
+                                                              hidden=5120, vocab=131072),
+    "mistralai/Codestral-22B-v0.1": Architecture(params_b=22.2, layers=56, kv_heads=8, head_dim=128, hidden=6144,
+                                                 vocab=32768),
     # the tiny random-weight model the local backend builds (see templates/build_tiny_model.py)
     "builtin:tiny-mistral": Architecture(params_b=0.0006, layers=2, kv_heads=2, head_dim=32),
 }
@@ -32,9 +43,56 @@ GPU_MEMORY_GIB: dict[str, float] = {
     "H200": 141, "B200": 180, "GH200": 96, "MI300X": 192,
 }
 
-# Bytes per weight, by quantization (None: by dtype).
-_QUANT_BYTES = {"awq": 0.56, "gptq": 0.56, "bitsandbytes": 0.56, "fp8": 1.0, "compressed-tensors": 1.0}
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How a quantization stores a linear layer's weights: `bits` per weight, plus, per `group` weights,
+    a scale of `scale_bits` and a zero point of `zero_bits` (packed)."""
+
+    bits: int
+    group: int = 0  # 0: no per-group data worth counting (per-tensor or per-channel scales)
+    scale_bits: int = 0
+    zero_bits: int = 0
+
+    @property
+    def bytes_per_weight(self) -> float:
+        extra = (self.scale_bits + self.zero_bits) / self.group if self.group else 0.0
+        return (self.bits + extra) / 8
+
+
+_AWQ = QuantFormat(bits=4, group=128, scale_bits=16, zero_bits=4)  # AutoAWQ's GEMM format, the usual w4 g128
+_GPTQ = QuantFormat(bits=4, group=128, scale_bits=16, zero_bits=4)  # the usual 4-bit, group size 128
+_FP8 = QuantFormat(bits=8)
+# What each --quantization value stores (the common case of each); a method missing here (its width is
+# in the checkpoint's own config: compressed-tensors, quark, torchao...) is counted unquantized, the
+# safe side.
+QUANT_FORMATS: dict[str, QuantFormat] = {
+    "awq": _AWQ, "auto_awq": _AWQ, "awq_marlin": _AWQ,
+    "gptq": _GPTQ, "auto_gptq": _GPTQ, "gptq_marlin": _GPTQ,
+    "fp8": _FP8, "fbgemm_fp8": _FP8, "fp8_per_tensor": _FP8, "fp8_per_channel": _FP8, "deepseek_v4_fp8": _FP8,
+    "fp8_per_block": QuantFormat(bits=8, group=128 * 128, scale_bits=32),
+    "int8_per_channel_weight_only": QuantFormat(bits=8), "experts_int8": QuantFormat(bits=8),
+    "mxfp8": QuantFormat(bits=8, group=32, scale_bits=8), "modelopt_mxfp8": QuantFormat(bits=8, group=32, scale_bits=8),
+    "mxfp4": QuantFormat(bits=4, group=32, scale_bits=8), "gpt_oss_mxfp4": QuantFormat(bits=4, group=32, scale_bits=8),
+    "modelopt_fp4": QuantFormat(bits=4, group=16, scale_bits=8), "nvfp4_per_token": QuantFormat(bits=4, group=16,
+                                                                                               scale_bits=8),
+}
 _DTYPE_BYTES = {"auto": 2.0, "bfloat16": 2.0, "float16": 2.0, "float32": 4.0}
+
+
+def weights_bytes(model_dtype: str, quantization: Optional[str], arch: Architecture) -> float:
+    """What the weights take in GPU memory: the quantized linear layers at their format's size, the rest
+    (token embeddings and output head, norms) at the model's dtype."""
+    params = arch.params_b * 1e9
+    dtype_bytes = _DTYPE_BYTES[model_dtype]
+    fmt = QUANT_FORMATS.get(quantization or "")
+    if fmt is None:
+        return params * dtype_bytes
+    kept = 2 * arch.vocab * arch.hidden if arch.vocab and arch.hidden else 0
+    return kept * dtype_bytes + (params - kept) * fmt.bytes_per_weight
+
+
 # CUDA context, activations and the sampler's buffers, per GPU.
 _OVERHEAD_GIB = 1.5
 # Suggestions, from smallest to largest: the first that fits is proposed.
@@ -77,10 +135,9 @@ def estimate(recipe: Recipe, gpu: GpuRequest, arch: Architecture) -> Optional[Fi
     if memory is None:
         return None
     model = recipe.model
-    weight_bytes = _QUANT_BYTES.get(model.quantization or "", _DTYPE_BYTES[model.dtype])
     kv_bytes = 1.0 if "--kv-cache-dtype=fp8" in model.vllm_args or _has_pair(model.vllm_args, "--kv-cache-dtype", "fp8") else 2.0
     context = model.max_model_len or 32768
-    weights = arch.params_b * 1e9 * weight_bytes / GIB
+    weights = weights_bytes(model.dtype, model.quantization, arch) / GIB
     # K and V, per layer, per KV head (GQA shares them across query heads), per token of context
     kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * kv_bytes * context / GIB
     usable = memory * gpu.count * recipe.engine.gpu_memory_utilization

@@ -109,7 +109,10 @@ def test_only_candidates_that_fit_are_priced(sky_session: Any, tmp_path: Path) -
 def test_local_recipe_is_priced_on_every_cloud(sky_session: Any) -> None:
     plan = _plan_json("tiny-mistral")
     assert plan["clouds"] == ["aws", "gcp", "azure"]
-    assert {o["cloud"] for o in plan["offers"]} == {"aws", "azure"}  # the fixture has T4 on these two
+    assert {o["cloud"] for o in plan["offers"]} == {"aws", "gcp", "azure"}  # the fixture has T4 on all three
+    gcp = next(o for o in plan["offers"] if o["cloud"] == "gcp")
+    # GCP prices the T4 and its host VM (n1-highmem-8, SkyPilot's default for one T4) apart: both counted
+    assert gcp["instance_type"] == "n1-highmem-8" and abs(gcp["price_per_hour"] - (0.35 + 0.47321)) < 1e-6
 
 
 def test_table_output(sky_session: Any) -> None:

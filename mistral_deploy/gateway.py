@@ -22,6 +22,12 @@ ROUTES: dict[str, tuple[str, ...]] = {
 }
 # The routes whose JSON body the gateway reads (gateway.js) to enforce `limits:` before generation.
 BODY_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+# The system prompts a recipe's `guardrail:` names. mistral: the one the Mistral 7B paper gives (section 5,
+# "System prompt to enforce guardrails"), which makes Mistral's instruct models decline harmful requests.
+GUARDRAIL_PROMPTS: dict[str, str] = {
+    "mistral": "Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid "
+               "harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.",
+}
 # Where nginx's dynamic modules are: the same in Debian's packages and the official nginx image.
 NGINX_MODULES_DIR = "/usr/lib/nginx/modules"
 # The id of the key a SkyServe readiness probe sends: capped by gateway.js to one-token requests.
@@ -114,7 +120,15 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
         max_body_size=recipe.network.max_body_size,
         routes=routes_for(recipe),
         upstream_timeout=UPSTREAM_TIMEOUT_SECONDS,
+        guardrail=_nginx_string(GUARDRAIL_PROMPTS[recipe.guardrail]) if recipe.guardrail else "",
     )
+
+
+def _nginx_string(text: str) -> str:
+    """text as a double-quoted nginx string: no variables expanded, nothing that ends the directive."""
+    if any(c in text for c in '"\\$;{}\n'):
+        raise ValueError(f"cannot put {text[:20]!r}... into the gateway's configuration")
+    return f'"{text}"'
 
 
 def key_hash(key: str) -> str:

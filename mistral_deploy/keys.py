@@ -26,7 +26,7 @@ def hf_token_secret(recipe: "Recipe") -> dict[str, str]:
     anything is created when it is missing. The token travels as a secret, never as an argument."""
     from mistral_deploy.render import HF_TOKEN_SECRET
 
-    if not recipe.model.hf_token:
+    if not recipe.model.needs_hf_token:
         return {}
     token = os.environ.get(HF_TOKEN_SECRET, "").strip()
     if not token:

@@ -60,6 +60,16 @@ _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "HF_HOME", "HF_HUB_CACH
                "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")
 
 
+# With a bucket source, what the engine takes from the user's environment to read that bucket: the
+# store's SDK settings and credentials (the AWS chain, Google's application credentials, Azure's), and
+# the Run:ai streamer's own settings.
+_BUCKET_ENV: dict[str, tuple[str, ...]] = {
+    "s3": ("AWS_", "RUNAI_STREAMER_"),
+    "gs": ("GOOGLE_", "CLOUDSDK_", "RUNAI_STREAMER_"),
+    "az": ("AZURE_", "RUNAI_STREAMER_"),
+}
+
+
 def find_nginx() -> str:
     path = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/usr/local/nginx/sbin")
     if not path:
@@ -184,7 +194,7 @@ class LocalBackend:
                 timeout=float(recipe.health.readiness_timeout),
                 interval=min(recipe.health.probe_interval, LOCAL_PROBE_INTERVAL),
                 probe_timeout=recipe.health.probe_timeout, alive=both_alive,
-                on_phase=lambda step: progress.phase("readiness", step), task=recipe.model.task,
+                on_phase=lambda step: progress.phase("readiness", step), task=probe.probe_task(recipe),
             )
             deployment.phase = "ready"
             deployment.details["ready_at"] = time.time()
@@ -233,6 +243,12 @@ class LocalBackend:
         env["PYTHONUNBUFFERED"] = "1"
         if recipe.builtin_model:
             env["HF_HUB_OFFLINE"] = "1"  # nothing to download: the model is a local folder
+        if recipe.model.source:
+            # the weights stream from the bucket: nothing from the Hub, and the object store's credentials
+            # and endpoint (those of that store alone) from the user's environment
+            env["HF_HUB_OFFLINE"] = "1"
+            prefixes = _BUCKET_ENV[recipe.model.source.split(":", 1)[0]]
+            env.update({k: v for k, v in os.environ.items() if k.startswith(prefixes)})
         env.update(recipe.engine.env)
         env.update(hf_env)
         return env
@@ -385,7 +401,7 @@ class LocalBackend:
                 interval=min(recipe.health.probe_interval, LOCAL_PROBE_INTERVAL),
                 probe_timeout=recipe.health.probe_timeout,
                 alive=lambda: processes.alive(engine_ref) and processes.alive(gateway_ref),
-                on_phase=lambda step: progress.phase("readiness", step), task=recipe.model.task,
+                on_phase=lambda step: progress.phase("readiness", step), task=probe.probe_task(recipe),
             )
         except NotReadyError as exc:
             tail = processes.tail(directory / ENGINE_LOG, LOG_TAIL_LINES) or "(the engine wrote nothing to its log)"

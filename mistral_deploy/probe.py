@@ -60,6 +60,14 @@ def check_health(endpoint: str, *, ca_file: Optional[str] = None, timeout: float
         return False
 
 
+def probe_task(recipe: Any) -> str:
+    """What the readiness check asks for: one embedding, one chat token (a guardrail closes raw
+    completions to the deployment's keys), or one completion token."""
+    if recipe.model.task == "embed":
+        return "embed"
+    return "chat" if recipe.guardrail else "generate"
+
+
 def check_ready(http: "httpx.Client", endpoint: str, key: str, served_model: str,
                 on_step: Callable[[str], None] = lambda _step: None, *, task: str = "generate") -> None:
     """One full readiness check; raises what went wrong (httpx errors, _Refused, or a plain message)."""
@@ -83,6 +91,9 @@ def check_ready(http: "httpx.Client", endpoint: str, key: str, served_model: str
     on_step(STEP_COMPLETION)
     if task == "embed":  # an embedding model has no completions route: one embedding instead
         route, body, field = "/embeddings", {"model": served_model, "input": "ping"}, "data"
+    elif task == "chat":  # a guardrail closes raw completions: one chat token, the guardrail put first
+        route, body, field = "/chat/completions", {"model": served_model, "max_tokens": 1, "temperature": 0,
+                                                   "messages": [{"role": "user", "content": "ping"}]}, "choices"
     else:
         route, body, field = "/completions", {"model": served_model, "prompt": "ping", "max_tokens": 1,
                                               "temperature": 0}, "choices"

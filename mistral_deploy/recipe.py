@@ -43,6 +43,8 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION_RE = re.compile(r"^(?P<n>[0-9]+)\s*(?P<unit>s|m|h|d)?$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # Names that hold secrets travel as SkyPilot `secrets:`, never as plain `engine.env` values.
+# a bucket and a prefix: the object store's URL as vLLM's Run:ai streamer takes it
+SOURCE_RE = re.compile(r"^(s3|gs|az)://[a-z0-9][a-z0-9._-]{1,253}[a-z0-9](/[A-Za-z0-9._/-]*)?$")
 _SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,128}$")
 # Engine flags mistral-deploy sets itself: where the engine listens (never beyond 127.0.0.1), what it
 # serves, and nothing that would bypass the gateway or read another config.
@@ -135,6 +137,17 @@ def _parse_gpus(value: object) -> object:
     return parsed
 
 
+# Exactly the values the pinned vLLM (engine.VLLM_VERSION) accepts for --quantization
+# (vllm.model_executor.layers.quantization.QUANTIZATION_METHODS; tests/test_quantization.py compares them).
+QuantizationMethod = Literal[
+    "awq", "auto_awq", "fp8", "fbgemm_fp8", "fp_quant", "modelopt", "modelopt_fp4", "modelopt_mxfp8",
+    "modelopt_mixed", "auto_gptq", "gptq", "gptq_marlin", "awq_marlin", "humming", "compressed-tensors",
+    "experts_int8", "quark", "moe_wna16", "torchao", "inc", "mxfp4", "gpt_oss_mxfp4", "deepseek_v4_fp8",
+    "online", "fp8_per_tensor", "fp8_per_block", "fp8_per_channel", "int8_per_channel_weight_only",
+    "nvfp4_per_token", "mxfp8",
+]
+
+
 class Architecture(_Spec):
     """What the fit check needs to know about a model it has no table entry for."""
 
@@ -142,14 +155,23 @@ class Architecture(_Spec):
     layers: int = Field(gt=0)
     kv_heads: int = Field(gt=0)
     head_dim: int = Field(gt=0)
+    # the token embeddings and the output head (vocab x hidden each) are never quantized
+    hidden: Optional[int] = Field(None, gt=0, description="hidden size (config.json hidden_size)")
+    vocab: Optional[int] = Field(None, gt=0, description="vocabulary size (config.json vocab_size)")
 
 
 class ModelSpec(_Spec):
     id: str = Field(description="Hugging Face id, local path, or builtin:tiny-mistral")
-    revision: Optional[str] = None
+    revision: Optional[str] = Field(None, description="the Hub branch, tag or commit; with a source, the commit "
+                                                      "the bucket holds (`mistral-deploy cache` gives it)")
+    source: Optional[str] = Field(
+        None, description="a bucket holding the weights (`mistral-deploy cache`): s3://, gs:// or az://BUCKET/PREFIX; "
+                          "the engine streams them from there (Run:ai model streamer), with no Hub token")
     served_name: Optional[str] = Field(None, description="model id clients use; defaults to the recipe name")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    quantization: Optional[Literal["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors"]] = None
+    quantization: Optional[QuantizationMethod] = Field(
+        None, description="how the checkpoint's weights are quantized (vLLM's --quantization); usually read from "
+                          "the checkpoint's config, so only needed to force a kernel")
     max_model_len: Optional[int] = Field(None, ge=16)
     hf_token: bool = Field(False, description="the model is gated: pass HF_TOKEN as a secret at launch")
     task: Literal["generate", "embed"] = "generate"
@@ -163,6 +185,18 @@ class ModelSpec(_Spec):
         if name is not None and not _SERVED_NAME_RE.match(name):
             raise ValueError(f"expected 1-128 of A-Z a-z 0-9 . _ / : -, got {name!r}")
         return name
+
+    @field_validator("source")
+    @classmethod
+    def _bucket(cls, source: Optional[str]) -> Optional[str]:
+        if source is not None and not SOURCE_RE.match(source):
+            raise ValueError(f"expected s3://BUCKET/PREFIX (or gs://, az://), got {source!r}")
+        return source.rstrip("/") if source else source
+
+    @property
+    def needs_hf_token(self) -> bool:
+        """The engine's VM downloads a gated model from the Hub (not from a bucket source)."""
+        return self.hf_token and not self.source
 
     @field_validator("vllm_args")
     @classmethod
@@ -375,6 +409,9 @@ class Recipe(_Spec):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     lifetime: LifetimeSpec = Field(default_factory=LifetimeSpec)
+    guardrail: Optional[Literal["mistral"]] = Field(
+        None, description="mistral: every chat request starts with Mistral's guardrail system prompt, set by "
+                          "the gateway (a client's own system message comes after it)")
     replicas: Optional[ReplicasSpec] = Field(
         None,
         description="a replica count, or min/max/target_qps: serve with SkyServe",
@@ -416,6 +453,8 @@ class Recipe(_Spec):
                     raise ValueError(
                         f"resources.tensor_parallel: {res.tensor_parallel} must divide the GPU count of {gpu}"
                     )
+        if self.guardrail and self.model.task != "generate":
+            raise ValueError(f"guardrail: a system prompt is for chat models; model.task is {self.model.task}")
         if self.replicas is not None:
             if res.cloud == LOCAL_CLOUD:
                 raise ValueError("replicas: the local backend runs one replica; remove replicas or pick a cloud")
@@ -455,7 +494,8 @@ class Recipe(_Spec):
 
     @property
     def builtin_model(self) -> Optional[str]:
-        if self.model.id.startswith(BUILTIN_MODEL_PREFIX):
+        """The built-in model to build before the engine starts (none when the weights come from a bucket)."""
+        if self.model.id.startswith(BUILTIN_MODEL_PREFIX) and not self.model.source:
             return self.model.id[len(BUILTIN_MODEL_PREFIX):]
         return None
 

@@ -65,8 +65,10 @@ def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bo
     (A100-80GB:1, L40S:2) all work, unless the recipe fixes it (`resources.tensor_parallel`).
     """
     m = recipe.model
+    if m.source:  # the bucket `mistral-deploy cache` filled: streamed by vLLM's Run:ai model streamer
+        model = m.source
     args: list[str] = [model] if model_positional else []
-    if m.revision:
+    if m.revision and not m.source:
         args += ["--revision", m.revision]
     if m.dtype != "auto":
         args += ["--dtype", m.dtype]
@@ -81,6 +83,10 @@ def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bo
     if m.task == "embed":
         args += ["--runner", "pooling"]
     user_args, generation = _split_generation_config(list(m.vllm_args))
+    if m.source:
+        # the bucket holds the Hub's (Transformers) layout: config.json and model*.safetensors, streamed
+        args += ["--load-format", STREAMED_LOAD_FORMAT]
+        user_args = without_flags(user_args, _FORMAT_FLAGS)
     args += user_args
     # The engine's own output cap (limits.max_tokens): requests that give no max_tokens get it, larger
     # ones are clamped (the gateway refuses them before they arrive). Merged into the recipe's own
@@ -97,6 +103,25 @@ def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bo
         "--uds", socket,
     ]
     return args
+
+
+# How the engine loads a bucket source, and the recipe's flags that named another layout (Mistral's own).
+STREAMED_LOAD_FORMAT = "runai_streamer"
+_FORMAT_FLAGS = ("--load-format", "--config-format")
+
+
+def without_flags(args: list[str], flags: tuple[str, ...]) -> list[str]:
+    """args without these flags and their values (`--flag value` or `--flag=value`)."""
+    kept: list[str] = []
+    i = 0
+    while i < len(args):
+        flag = args[i].split("=", 1)[0].replace("_", "-")
+        if flag in flags:
+            i += 1 if "=" in args[i] else 2
+            continue
+        kept.append(args[i])
+        i += 1
+    return kept
 
 
 def _split_generation_config(args: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -268,14 +293,15 @@ def render_run(recipe: Recipe) -> str:
         engine_args=" ".join(shlex.quote(a) for a in args),
         engine_env=sorted(recipe.engine.env),
         tensor_parallel=recipe.resources.tensor_parallel or "",
-        hf_token=recipe.model.hf_token,
-        token_by_ssh=recipe.model.hf_token and recipe.replicas is None,
+        hf_token=recipe.model.needs_hf_token,
+        token_by_ssh=recipe.model.needs_hf_token and recipe.replicas is None,
         token_file=HF_TOKEN_FILE.replace("~", "$HOME", 1),
         token_wait=HF_TOKEN_WAIT_SECONDS,
-        downloader=template_text("download_model.py") if recipe.model.hf_token else "",
+        downloader=template_text("download_model.py") if recipe.model.needs_hf_token else "",
         download_args=" ".join(shlex.quote(a) for a in (recipe.model.id, recipe.model.revision or "",
                                                         _weights_pattern(recipe))),
         builtin_model=recipe.builtin_model,
+        bucket_source=recipe.model.source,
         vpc=recipe.network.mode == "vpc",
         key_hashes_secret=KEY_HASHES_SECRET,
         load_balancer_env=LOAD_BALANCER_ENV if recipe.replicas is not None else None,
@@ -367,7 +393,7 @@ def render_task(recipe: Recipe) -> dict[str, Any]:
     secrets: dict[str, None] = {KEY_HASHES_SECRET: None}
     if recipe.replicas is not None:
         secrets[PROBE_KEY_SECRET] = None
-    if recipe.model.hf_token and recipe.replicas is not None:
+    if recipe.model.needs_hf_token and recipe.replicas is not None:
         # a service's controller launches replicas later, with no SSH from here: the token goes as a secret.
         # A single VM gets it over SSH once its job runs (HF_TOKEN_FILE), never through SkyPilot.
         secrets[HF_TOKEN_SECRET] = None

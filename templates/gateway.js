@@ -6,6 +6,10 @@
 // checkBody: a generation or embedding request's caps, checked before the engine sees it: completions
 //   per request (n, best_of), prompts per request, output length. The limits come from the
 //   location's $md_max_* variables (recipe `limits:`); the probe key may ask for one token only.
+//   With a guardrail ($md_guardrail, recipe `guardrail:`), a chat request's messages start with it (a
+//   client's own first system message is joined after it, after a blank line) and the rewritten body goes
+//   to the engine; what could drop or cut it is refused: raw completions, a request's own chat template,
+//   a prompt truncated from the left.
 var crypto = require('crypto');
 
 var KEY_RE = /^[A-Za-z0-9_-]{20,200}$/;
@@ -23,9 +27,37 @@ function keyHash(r) {
     return crypto.createHash('sha256').update(key).digest('hex');
 }
 
-function refuse(r, message) {
+function refuse(r, message, status) {
+    status = status || 400;
     r.headersOut['Content-Type'] = 'application/json';
-    r.return(400, JSON.stringify({error: {message: message, type: 'invalid_request_error', code: 400}}) + '\n');
+    r.return(status, JSON.stringify({error: {message: message, type: 'invalid_request_error', code: status}}) + '\n');
+}
+
+// Puts the guardrail first in a chat request's messages; returns why the request cannot have it, or null.
+function guard(body, prompt) {
+    var fields = ['chat_template', 'truncate_prompt_tokens'];
+    for (var i = 0; i < fields.length; i++) {
+        if (body[fields[i]] !== undefined && body[fields[i]] !== null) {
+            return fields[i] + ': not accepted on this endpoint (its guardrail system prompt comes first)';
+        }
+    }
+    var messages = body.messages;
+    if (!Array.isArray(messages) || messages.length === 0) {
+        return 'messages: expected a non-empty list of messages';
+    }
+    var first = messages[0];
+    if (first !== null && typeof first === 'object' && first.role === 'system') {
+        if (typeof first.content === 'string') {
+            first.content = prompt + '\n\n' + first.content;
+        } else if (Array.isArray(first.content)) {
+            first.content.unshift({type: 'text', text: prompt});
+        } else {
+            first.content = prompt;
+        }
+    } else {
+        messages.unshift({role: 'system', content: prompt});
+    }
+    return null;
 }
 
 // How many prompts a prompt/input field holds: a string or a list of token ids is one; a list of
@@ -75,6 +107,22 @@ function checkBody(r) {
     var count = Math.max(prompts(body.prompt), prompts(body.input));
     if (count > maxBatch) {
         return refuse(r, 'at most ' + maxBatch + ' prompts per request on this endpoint, got ' + count);
+    }
+    var guardrail = r.variables.md_guardrail;
+    if (guardrail) {
+        // the readiness probe's one-token completion is the only raw completion let through
+        if (r.uri === '/v1/completions' && !probe) {
+            return refuse(r, 'this endpoint starts every chat with a guardrail system prompt: raw completions '
+                          + '(/v1/completions) are closed, use /v1/chat/completions', 403);
+        }
+        if (r.uri === '/v1/chat/completions') {
+            var why = guard(body, guardrail);
+            if (why) {
+                return refuse(r, why);
+            }
+            r.variables.md_body = JSON.stringify(body);
+            return r.internalRedirect('@engine_guarded');
+        }
     }
     r.internalRedirect('@engine');
 }

@@ -58,6 +58,7 @@ def test_the_same_recipe_and_defaults_spelled_out_are_no_change() -> None:
     ({"limits": {"requests_per_minute": 60}}, "limits.requests_per_minute", "gateway-reload"),
     ({"network": {"allow": ["10.0.0.0/8"]}}, "network.allow", "gateway-reload"),
     ({"auth": {"enabled": False}, "network": {"mode": "private"}}, "auth.enabled", "gateway-reload"),
+    ({"guardrail": "mistral"}, "guardrail", "gateway-reload"),
     ({"limits": {"max_tokens": 100}}, "limits.max_tokens", "engine-restart"),
     ({"model": {"max_model_len": 4096}}, "model.max_model_len", "engine-restart"),
     ({"engine": {"env": {"VLLM_LOGGING_LEVEL": "DEBUG"}}}, "engine.env", "engine-restart"),

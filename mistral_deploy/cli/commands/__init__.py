@@ -6,3 +6,4 @@ from mistral_deploy.cli.commands import down, engine, env, exit_codes, logs, run
 from mistral_deploy.cli.commands import doctor, init  # noqa: F401,E402
 from mistral_deploy.cli.commands import bench  # noqa: F401,E402
 from mistral_deploy.cli.commands import keys, ttl  # noqa: F401,E402
+from mistral_deploy.cli.commands import cache  # noqa: F401,E402

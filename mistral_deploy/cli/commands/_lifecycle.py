@@ -88,6 +88,7 @@ def summary(deployment: "Deployment") -> dict[str, Any]:
         "network": recipe.network.mode,
         "hourly_price": deployment.details.get("hourly_price"),
         "ends_at": deployment.details.get("ends_at"),  # its TTL; None: no end time (or local)
+        "model_commit": deployment.details.get("model_commit"),  # the exact weights served, where known
     }
 
 

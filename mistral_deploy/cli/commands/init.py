@@ -127,7 +127,7 @@ def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[s
     deploy_args = [shlex.quote(recipe), "--cloud", target]
     if gpu:
         deploy_args += ["--gpu", shlex.quote(gpu)]
-    secrets = CLOUD_SECRETS[target] + ((HF_TOKEN_SECRET,) if loaded.recipe.model.hf_token else ())
+    secrets = CLOUD_SECRETS[target] + ((HF_TOKEN_SECRET,) if loaded.recipe.model.needs_hf_token else ())
     try:
         skypilot_version = metadata.version("skypilot")
     except metadata.PackageNotFoundError:
@@ -143,7 +143,7 @@ def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[s
         "command": command.strip(),
         "install": " ".join(shlex.quote(r) for r in requirements),
         "python_version": PYTHON_VERSION,
-        "hf_token": loaded.recipe.model.hf_token,
+        "hf_token": loaded.recipe.model.needs_hf_token,
         "secrets": secrets,
         "environment": GITHUB_ENVIRONMENT,
         "branch": DEFAULT_BRANCH,

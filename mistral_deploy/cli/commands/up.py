@@ -60,13 +60,26 @@ def up(
         existing = store.load(asked.name)
     except DeploymentNotFound:
         existing = None
+    commit = None
+    if asked.model.source:  # the commit its bucket holds, checked against the recipe and the deployment
+        from mistral_deploy.weights import source_commit
+
+        recorded = existing.details.get("model_commit") if existing is not None else None
+        commit = source_commit(asked, recorded, say=out.warn)
     if existing is None:
         if dry_run:
             _report_creation(out, asked, json_out)
             return
-        _create(out, asked, store, json_out)
+        _create(out, asked, store, json_out, commit=commit)
     else:
-        _converge(out, existing, asked, store, dry_run=dry_run, json_out=json_out)
+        _converge(out, existing, asked, store, dry_run=dry_run, json_out=json_out, commit=commit)
+
+
+def _record_commit(store: "StateStore", deployment: "Deployment", commit: "str | None") -> None:
+    """The exact model commit the deployment serves, kept for every later start and update."""
+    if commit and deployment.details.get("model_commit") != commit:
+        deployment.details["model_commit"] = commit
+        store.save(deployment)
 
 
 def _report_creation(out: Output, recipe: "Recipe", json_out: bool) -> None:
@@ -84,7 +97,7 @@ def _report_creation(out: Output, recipe: "Recipe", json_out: bool) -> None:
     out.data(f"{recipe.name}: would be created {where}{cost}")
 
 
-def _create(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool) -> None:
+def _create(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool, *, commit: "str | None") -> None:
     from mistral_deploy.backends import backend_for_recipe
     from mistral_deploy.cli.commands._lifecycle import sigterm_as_interrupt, summary, usage_lines
     from mistral_deploy.progress import Progress
@@ -95,6 +108,7 @@ def _create(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool) 
             deployment = backend_for_recipe(recipe).up(recipe, store, progress)
     finally:
         progress.close()
+    _record_commit(store, deployment, commit)
     if json_out:
         out.json(summary(deployment))
     else:
@@ -102,7 +116,7 @@ def _create(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool) 
 
 
 def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "StateStore", *, dry_run: bool,
-              json_out: bool) -> None:
+              json_out: bool, commit: "str | None" = None) -> None:
     from mistral_deploy.backends import backend_named
     from mistral_deploy.cli.commands._lifecycle import sigterm_as_interrupt, summary, usage_lines
     from mistral_deploy.converge import diff, estimate_price
@@ -168,6 +182,7 @@ def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "Stat
                             raise
         finally:
             progress.close()
+        _record_commit(store, deployment, commit)
     if json_out:
         out.json({**summary(deployment), "plan": plan.to_json(), **result})
     else:

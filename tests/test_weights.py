@@ -1,0 +1,182 @@
+"""Weights from a bucket, for real: `mistral-deploy cache` fetches the tiny model from a Hugging Face Hub
+stand-in (the Hub's API and downloads, to one token) at one exact commit and uploads it to a local S3
+server (moto's, on loopback); `up --cloud local` then runs the real vLLM engine with `model.source`,
+which streams the weights from that S3 server with vLLM's Run:ai model streamer, with the Hub stopped
+and no Hugging Face token anywhere; the official client talks to it through the real gateway.
+
+The rest is checked without an engine: what a bucket source renders for a VM, and one-line refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import boto3
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+from conftest import ENGINE_PYTHON
+from hub_standin import COMMIT, HubStandIn
+from local_support import assert_gone, cli, cli_env, down_and_assert_gone, free_port, read_deployed
+from mistral_deploy import engine
+from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
+from mistral_deploy.render import render_run, render_task
+
+REPO = "mistral-deploy-test/tiny-mistral"
+BUCKET = "weights"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """moto's S3 server on a loopback port, and the environment that points boto3 and the streamer at it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true",
+           # moto serves path-style URLs (http://host/bucket/key), not bucket.host
+           "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+        client(env).create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)
+        assert_gone([server.pid], [port])
+
+
+def client(env: dict[str, str]):
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def _recipe(path: Path, port: int) -> Path:
+    data = load_recipe("tiny-mistral", Overrides(cloud="local")).recipe.to_yaml_config()
+    data["name"] = "streamed"
+    data["model"]["id"] = REPO
+    data["model"]["hf_token"] = True  # gated on the (stand-in) Hub: `cache` needs the token, the engine not
+    data["network"] = {"mode": "private", "port": port}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.engine
+def test_cache_then_stream_the_weights_from_the_bucket_with_no_hub_and_no_token(
+        s3: dict[str, str], models_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**cli_env(home, models_dir), **s3}
+    token = "hf_" + os.urandom(12).hex()
+    hub = HubStandIn("127.0.0.1", REPO, engine.ensure_builtin_model("tiny-mistral", ENGINE_PYTHON), token)
+    recipe = _recipe(tmp_path / "r.yaml", free_port())
+    cached_recipe = tmp_path / "cached.yaml"
+    try:
+        done = cli("cache", str(recipe), "--to", f"s3://{BUCKET}/tiny-mistral", "--recipe-out", str(cached_recipe),
+                   "--json", env={**env, "HF_ENDPOINT": hub.url, "HF_TOKEN": token})
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        hub.stop()  # from here on there is no Hub at all
+    summary = json.loads(done.stdout)
+    assert summary["commit"] == COMMIT and summary["source"] == f"s3://{BUCKET}/tiny-mistral"
+    assert sorted(hub.downloaded) == sorted(summary["files"]) and "model.safetensors" in summary["files"]
+    keys = sorted(o["Key"] for o in client(s3).list_objects_v2(Bucket=BUCKET)["Contents"])
+    assert keys == sorted(f"tiny-mistral/{name}" for name in [*summary["files"], "mistral-deploy.json"])
+    manifest = json.loads(client(s3).get_object(Bucket=BUCKET, Key="tiny-mistral/mistral-deploy.json")["Body"].read())
+    assert manifest["repo"] == REPO and manifest["commit"] == COMMIT
+    written = yaml.safe_load(cached_recipe.read_text())
+    assert written["model"]["source"] == f"s3://{BUCKET}/tiny-mistral" and written["model"]["revision"] == COMMIT
+    assert token not in done.stdout + done.stderr + cached_recipe.read_text()
+
+    # the engine streams the weights from the bucket: no Hub, no token in its environment
+    env_up = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # a Hub address that answers nothing
+    up = cli("up", str(cached_recipe), "--cloud", "local", "--json", env=env_up)
+    assert up.returncode == 0, up.stderr[-3000:]
+    deployed = read_deployed("streamed", home, env_up)
+    try:
+        assert json.loads(up.stdout)["model_commit"] == COMMIT
+        assert deployed.record["details"]["model_commit"] == COMMIT
+        engine_pid = deployed.record["details"]["engine"]["pid"]
+        argv = Path(f"/proc/{engine_pid}/cmdline").read_bytes().split(b"\0")
+        assert f"s3://{BUCKET}/tiny-mistral".encode() in argv and b"runai_streamer" in argv
+        environ = Path(f"/proc/{engine_pid}/environ").read_bytes().split(b"\0")
+        assert not any(e.startswith(b"HF_TOKEN=") for e in environ) and b"HF_HUB_OFFLINE=1" in environ
+        log = (deployed.dir / "engine.log").read_text(errors="replace")
+        assert "Runai Model Streamer" in log
+
+        reply = OpenAI(base_url=deployed.endpoint, api_key=deployed.key, max_retries=0,
+                       http_client=httpx.Client(trust_env=False)).chat.completions.create(
+            model="tiny-mistral", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+        assert reply.choices[0].message.content is not None
+
+        # the bucket is filled again with another commit: the deployment keeps what it serves
+        other = "f" * 40
+        client(s3).put_object(Bucket=BUCKET, Key="tiny-mistral/mistral-deploy.json",
+                              Body=json.dumps({**manifest, "commit": other}).encode())
+        again = cli("up", str(cached_recipe), "--cloud", "local", env=env_up)
+        assert again.returncode == 3, again.stderr
+        assert f"model.revision: {COMMIT} is not what s3://{BUCKET}/tiny-mistral holds" in again.stderr
+        assert again.stderr.count("\n") <= 3 and "Traceback" not in again.stderr
+        unpinned = yaml.safe_load(cached_recipe.read_text())
+        del unpinned["model"]["revision"]
+        (tmp_path / "unpinned.yaml").write_text(yaml.safe_dump(unpinned))
+        moved = cli("up", str(tmp_path / "unpinned.yaml"), "--cloud", "local", env=env_up)
+        assert moved.returncode == 3 and f"now holds {other}, and this deployment serves {COMMIT}" in moved.stderr
+    finally:
+        down_and_assert_gone(deployed)
+
+
+def test_a_bucket_source_renders_the_streamer_and_no_hub_download() -> None:
+    data = load_recipe("mistral-7b-instruct", Overrides(cloud="aws", gpu="A10G")).recipe.to_yaml_config()
+    data["model"].update(source="s3://my-weights/mistral-7b-instruct/", revision="0" * 40)
+    recipe = validate_recipe_data(data, "test").recipe
+    assert recipe.model.source == "s3://my-weights/mistral-7b-instruct" and not recipe.model.needs_hf_token
+    run = render_run(recipe)
+    assert "vllm-serve s3://my-weights/mistral-7b-instruct " in run and "--load-format runai_streamer" in run
+    # the recipe's Mistral-format flags name the Hub's other layout; the tokenizer mode stays
+    assert "--load-format mistral" not in run and "--config-format" not in run and "--tokenizer-mode mistral" in run
+    assert "--revision" not in run and "md-download" not in run.split("remove_containers()")[1].split("\n", 1)[1]
+    assert "HF_TOKEN" not in run and "--env HF_HUB_OFFLINE=1" in run
+    assert '-v "$MD_DIR/vllm-cache:/root/.cache/vllm"' in run  # torch.compile's cache kept on the VM's disk
+    task = render_task(recipe)
+    assert "HF_TOKEN" not in json.dumps(task.get("secrets") or {})
+
+
+@pytest.mark.parametrize(("source", "field"), [("http://bucket/x", "model.source"), ("s3://", "model.source"),
+                                               ("s3://Bad_Bucket/x", "model.source")])
+def test_a_bad_source_is_refused_by_name(source: str, field: str) -> None:
+    data = load_recipe("tiny-mistral").recipe.to_yaml_config()
+    data["model"]["source"] = source
+    with pytest.raises(Exception, match=field.replace(".", r"\.")):
+        validate_recipe_data(data, "test")
+
+
+def test_cache_refuses_a_store_it_cannot_fill_in_one_line(tmp_path: Path, models_dir: Path) -> None:
+    env = cli_env(tmp_path, models_dir)
+    done = cli("cache", "tiny-mistral", "--to", "gs://my-weights/tiny", env=env)
+    assert done.returncode == 3 and "--to: gs://my-weights/tiny: `cache` uploads to s3://" in done.stderr
+    assert "Traceback" not in done.stderr
+    bad = cli("cache", "tiny-mistral", "--to", "https://example.com/x", env=env)
+    assert bad.returncode == 3 and "--to: expected s3://BUCKET/PREFIX" in bad.stderr

@@ -182,6 +182,26 @@ def summarize(results: Sequence[RequestResult], duration: float, *, secret: str 
     }
 
 
+def cost_per_million(hourly_price: Optional[float], tokens_per_s: Optional[float]) -> Optional[float]:
+    """$ per million tokens when the whole hourly price buys tokens at this rate; None without a price
+    or a rate."""
+    if not hourly_price or hourly_price <= 0 or not tokens_per_s or tokens_per_s <= 0:
+        return None
+    return hourly_price / (tokens_per_s * 3600) * 1e6
+
+
+def add_costs(report: dict[str, Any], hourly_price: Optional[float], source: str) -> dict[str, Any]:
+    """The report's $/Mtok figures: the endpoint's hourly price over the output tokens measured per
+    second (and, apart, over the input tokens), at the run's concurrency."""
+    input_per_s = (report["mean_input_tokens"] or 0) * report["requests_per_s"]
+    report.update(
+        hourly_price=hourly_price, price_source=source if hourly_price else None,
+        usd_per_mtok_output=cost_per_million(hourly_price, report["output_tokens_per_s"]),
+        usd_per_mtok_input=cost_per_million(hourly_price, input_per_s),
+    )
+    return report
+
+
 def synthetic_prompt(rng: random.Random, words: int) -> str:
     """`words` random common words: every prompt differs from its first word on, so the engine's prefix
     cache does not make prefill free (vLLM's benchmark sends random tokens for the same reason)."""

@@ -826,6 +826,9 @@ class ServeBackend(_CloudBase):
                 endpoint_url = sdk.serve_up(task_config, service_name=service_name, secrets=secrets,
                                             global_config=cloud_config(recipe), on_line=lambda _line: None)
             deployment.details["load_balancer"] = host
+            from mistral_deploy.converge import estimate_price
+
+            deployment.details["hourly_price"] = estimate_price(recipe)  # replicas and controller (catalog)
             deployment.endpoint = endpoint_url.rstrip("/") + "/v1"
             deployment.details["head_ip"] = urlsplit(endpoint_url).hostname
             store.save(deployment)

@@ -182,7 +182,8 @@ def diff(recorded: "Recipe", asked: "Recipe", backend: str) -> Plan:
 
 def estimate_price(recipe: "Recipe") -> Optional[float]:
     """$/hour of the cheapest offer for the recipe's first GPU on its clouds (SkyPilot's catalog), or None
-    when that cannot be told here (no catalog, a cloud without prices)."""
+    when that cannot be told here (no catalog, a cloud without prices). A service: every replica (its
+    minimum, at least one) plus the VM SkyServe's controller runs on."""
     if recipe.is_local or not recipe.resources.gpu:
         return None
     try:
@@ -191,9 +192,15 @@ def estimate_price(recipe: "Recipe") -> Optional[float]:
         clouds = [c for c in recipe.resources.clouds if c in pricing.PRICED_CLOUDS]
         if not clouds:
             return None
-        offers = pricing.find_offers(recipe.resources.gpu[:1], clouds)
+        offers = [o for c in clouds for o in pricing.find_offers(recipe.resources.gpu[:1], [c],
+                                                                     recipe.resources.region_for(c))]
         best = pricing.cheapest_first(offers, spot=recipe.resources.spot)
     except Exception:  # noqa: BLE001 - a price is informative only
         return None
-    replicas = recipe.replicas.min if recipe.replicas is not None else 1
-    return round(best[0].hourly(spot=recipe.resources.spot) * max(1, replicas), 4) if best else None
+    if not best:
+        return None
+    if recipe.replicas is None:
+        return round(best[0].hourly(spot=recipe.resources.spot), 4)
+    # a service: its replicas (at least one, once a request wakes it) and SkyServe's controller VM
+    controller = pricing.controller_price(best[0].cloud, best[0].region) or 0.0
+    return round(best[0].hourly(spot=recipe.resources.spot) * max(1, recipe.replicas.min) + controller, 4)

@@ -135,13 +135,17 @@ def estimate(recipe: Recipe, gpu: GpuRequest, arch: Architecture) -> Optional[Fi
     if memory is None:
         return None
     model = recipe.model
-    kv_bytes = 1.0 if "--kv-cache-dtype=fp8" in model.vllm_args or _has_pair(model.vllm_args, "--kv-cache-dtype", "fp8") else 2.0
+    kv_bytes = _kv_dtype_bytes(model.vllm_args)
     context = model.max_model_len or 32768
     weights = weights_bytes(model.dtype, model.quantization, arch) / GIB
     # K and V, per layer, per KV head (GQA shares them across query heads), per token of context
     kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * kv_bytes * context / GIB
     usable = memory * gpu.count * recipe.engine.gpu_memory_utilization
     return FitEstimate(gpu, weights, kv, _OVERHEAD_GIB * gpu.count, usable, context)
+
+
+def _kv_dtype_bytes(args: list[str]) -> float:
+    return 1.0 if "--kv-cache-dtype=fp8" in args or _has_pair(args, "--kv-cache-dtype", "fp8") else 2.0
 
 
 def _has_pair(args: list[str], flag: str, value: str) -> bool:
@@ -173,3 +177,29 @@ def _suggestion(recipe: Recipe, arch: Architecture) -> Optional[str]:
         if est is not None and est.fits:
             return text
     return None
+
+
+# Memory bandwidth per GPU, GB/s, from NVIDIA's datasheets (the SXM parts where a cloud rents both).
+GPU_BANDWIDTH_GBPS: dict[str, float] = {
+    "T4": 320, "V100": 900, "V100-32GB": 900, "A10": 600, "A10G": 600, "L4": 300, "L40": 864, "L40S": 864,
+    "A40": 696, "A100": 1555, "A100-80GB": 2039, "H100": 3350, "H200": 4800,
+}
+# The workload the estimate is made for: requests in flight, and tokens of context each holds.
+ESTIMATE_CONCURRENCY, ESTIMATE_CONTEXT = 16, 1024
+ESTIMATE_SOURCE = (f"upper bound: decoding {ESTIMATE_CONCURRENCY} requests of {ESTIMATE_CONTEXT} tokens, each step "
+                   "reads the weights and their KV cache once at the GPU's datasheet memory bandwidth; "
+                   "measure yours with `mistral-deploy bench`")
+
+
+def decode_ceiling(recipe: Recipe, gpu: GpuRequest) -> Optional[float]:
+    """Output tokens/s the GPUs cannot exceed for this model (decode is memory-bound): an estimate from
+    the datasheet bandwidth, never a measurement; None for an unknown model or GPU."""
+    arch = architecture_of(recipe)
+    bandwidth = GPU_BANDWIDTH_GBPS.get(gpu.name)
+    if arch is None or bandwidth is None:
+        return None
+    kv_bytes = 2 * arch.layers * arch.kv_heads * arch.head_dim * _kv_dtype_bytes(recipe.model.vllm_args)
+    step_bytes = (weights_bytes(recipe.model.dtype, recipe.model.quantization, arch)
+                  + ESTIMATE_CONCURRENCY * ESTIMATE_CONTEXT * kv_bytes)
+    return ESTIMATE_CONCURRENCY * bandwidth * 1e9 * gpu.count / step_bytes
+

@@ -189,3 +189,24 @@ def _price_or_none(value: Any) -> Optional[float]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+# What SkyServe's controller runs on (sky.serve.constants.CONTROLLER_RESOURCES): a CPU VM, billed too.
+CONTROLLER_CPUS, CONTROLLER_MEMORY = "4+", "8+"
+
+
+def controller_price(cloud: str, region: Optional[str] = None) -> Optional[float]:
+    """$/hour of the VM SkyServe's controller runs on: the cloud's default instance type for its CPUs and
+    memory (SkyPilot's catalog); None where the catalog cannot tell."""
+    try:
+        from sky import catalog
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            instance = catalog.get_default_instance_type(cpus=CONTROLLER_CPUS, memory=CONTROLLER_MEMORY,
+                                                         region=region, clouds=cloud)
+            if instance is None:
+                return None
+            return float(catalog.get_hourly_cost(instance, use_spot=False, region=region, zone=None, clouds=cloud))
+    except Exception:  # noqa: BLE001 - a price is informative only
+        return None
+

@@ -329,6 +329,8 @@ def test_bench_a_deployment_and_a_url_with_a_wrong_key(tmp_path, models_dir):
         assert report["ttft_ms"]["p50"] < report["e2e_ms"]["p50"]
         assert report["e2e_ms"]["p99"] <= report["duration_s"] * 1000
         assert result.stderr.strip() == ""  # no progress bar: --json, and stderr is not a terminal
+        # a local endpoint has no price: no $/Mtok is made up
+        assert report["hourly_price"] is None and report["usd_per_mtok_output"] is None
 
         table = cli("bench", "bench-it", "--requests", "4", "--concurrency", "2", "--output-len", "8",
                     "--input-len", "16", "--api", "completions", env=env, timeout=300)
@@ -345,9 +347,12 @@ def test_bench_a_deployment_and_a_url_with_a_wrong_key(tmp_path, models_dir):
 
         # the URL of the same endpoint with the right key in the environment, never on the command line
         by_url = cli("bench", "--url", deployed.endpoint, "--json", "--requests", "2", "--output-len", "4",
-                     "--input-len", "8", env={**env, "OPENAI_API_KEY": deployed.key}, timeout=120)
+                     "--input-len", "8", "--hourly-price", "1.2", env={**env, "OPENAI_API_KEY": deployed.key},
+                     timeout=120)
         assert by_url.returncode == 0, by_url.stderr[-2000:]
-        assert json.loads(by_url.stdout)["completed"] == 2
+        priced = json.loads(by_url.stdout)
+        assert priced["completed"] == 2 and priced["price_source"] == "--hourly-price"
+        assert abs(priced["usd_per_mtok_output"] - 1.2 / (priced["output_tokens_per_s"] * 3600) * 1e6) < 1e-9
     finally:
         down_and_assert_gone(deployed)
 
@@ -380,3 +385,21 @@ def test_the_fast_layer_is_a_transport_of_our_own_and_its_errors_are_httpxs():
         asyncio.run(refused())
     with pytest.raises(BenchError, match="cannot reach .*: ConnectError"):
         run(LoadSpec(base_url=f"http://127.0.0.1:{free_port()}/v1", requests=1))
+
+
+def test_dollars_per_million_tokens_come_from_the_price_and_the_measured_rates(tmp_path, models_dir):
+    with ScriptedEndpoint() as url:
+        done = cli("bench", "--url", url, "--model", "tokens", "--requests", "6", "--concurrency", "3",
+                   "--output-len", "5", "--hourly-price", "2.5", "--json",
+                   env={**cli_env(tmp_path, models_dir), "OPENAI_API_KEY": "sk-test-key-42"}, timeout=120)
+        table = cli("bench", "--url", url, "--model", "tokens", "--requests", "2", "--output-len", "5",
+                    "--hourly-price", "2.5", env={**cli_env(tmp_path, models_dir), "OPENAI_API_KEY": "sk-test-key-42"},
+                    timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    out_rate, in_rate = report["output_tokens_per_s"], report["mean_input_tokens"] * report["requests_per_s"]
+    assert report["hourly_price"] == 2.5 and out_rate > 0 and in_rate > 0
+    assert report["usd_per_mtok_output"] == pytest.approx(2.5 / (out_rate * 3600) * 1e6)
+    assert report["usd_per_mtok_input"] == pytest.approx(2.5 / (in_rate * 3600) * 1e6)
+    assert table.returncode == 0 and "$ per 1M output tokens ($2.500/hour over them)" in table.stdout
+    assert "price: --hourly-price" in table.stdout

@@ -227,3 +227,51 @@ def test_missing_catalog_online_is_fetched_once_and_recorded_as_skypilot_does(mo
     assert (fetched / ".meta" / "aws" / "vms.csv.md5").read_text() == hashlib.md5(text.encode()).hexdigest()
     assert again.returncode == 0 and "fetching" not in again.stderr
     assert [p for p in served if "vms.csv" in p] == [f"/catalog/{CATALOG_VERSION}/aws/vms.csv"]  # once
+
+
+def test_a_service_is_priced_with_every_replica_and_its_controller(sky_session: Any) -> None:
+    from mistral_deploy import pricing
+    from mistral_deploy.converge import estimate_price
+    from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
+
+    where = Overrides(cloud="gcp", gpu="L4", region="us-central1")
+    data = load_recipe("mistral-7b-instruct", where).recipe.to_yaml_config()
+    data.update(replicas=3, network={"mode": "public"})
+    service = validate_recipe_data(data, "test").recipe
+    vm_price = _gcp_prices("g2-standard-4", "L4", 1, "us-central1")[0]
+    # the controller: GCP's default VM for SkyServe's 4+ CPUs and 8+ GB, as the fixture catalog prices it
+    cpu_vms = [r for r in _rows("gcp") if r["InstanceType"] and float(r["vCPUs"]) >= 4 and float(r["MemoryGiB"]) >= 8
+               and not r["AcceleratorName"]]
+    assert cpu_vms
+    controller = pricing.controller_price("gcp", "us-central1")
+    assert controller is not None and controller in {float(r["Price"]) for r in cpu_vms}
+    assert estimate_price(service) == pytest.approx(3 * vm_price + controller, abs=1e-4)
+    single = load_recipe("mistral-7b-instruct", where).recipe
+    assert estimate_price(single) == pytest.approx(vm_price, abs=1e-4)  # one VM: no controller
+
+
+def test_plan_estimates_dollars_per_million_tokens_and_shows_the_quantized_variants(sky_session: Any) -> None:
+    from mistral_deploy.fit import decode_ceiling
+    from mistral_deploy.recipe import Overrides, load_recipe
+
+    plan = _plan_json("mistral-7b-instruct", "--cloud", "aws")
+    ceiling = plan["throughput_estimate"]["output_tokens_per_s_ceiling"]["A10G:1"]
+    assert "datasheet memory bandwidth" in plan["throughput_estimate"]["source"] and "bench" in plan["throughput_estimate"]["source"]
+    # the ceiling is below what the A10G's 600 GB/s could stream of the bf16 weights alone, 16 at a time
+    recipe = load_recipe("mistral-7b-instruct", Overrides(cloud="aws")).recipe
+    assert ceiling == pytest.approx(decode_ceiling(recipe, GpuRequest(name="A10G", count=1)), abs=1e-3)
+    assert 0 < ceiling < 16 * 600e9 / (7.25e9 * 2)
+    for offer in plan["offers"]:
+        expected = offer["price_per_hour"] / (ceiling * 3600) * 1e6 if offer["gpu"] == "A10G:1" else None
+        if expected is not None:
+            assert offer["usd_per_mtok_output_floor"] == pytest.approx(expected, abs=1e-3)
+    rows = {row["recipe"]: row for row in plan["variants"]}
+    assert set(rows) == {"mistral-7b-instruct", "mistral-7b-instruct-awq", "mistral-7b-instruct-gptq"}
+    t4 = rows["mistral-7b-instruct-awq"]
+    assert t4["gpu"] == "T4:1" and t4["quantization"] == "awq" and t4["weights_gib"] < 4.5
+    on_demand, _spot = _aws_prices("g4dn.xlarge", "us-east-1")
+    assert t4["price_per_hour"] == pytest.approx(on_demand) and t4["price_per_hour"] < rows["mistral-7b-instruct"]["price_per_hour"]
+
+    table = run_cli("plan", "mistral-7b-instruct-gptq", "--cloud", "aws")
+    assert table.exit_code == 0, table.output
+    assert "$/Mtok out (floor)" in table.stdout and "mistral-7b-instruct-gptq (this one)" in table.stdout

@@ -41,6 +41,9 @@ def bench(
         "--api", help="Stream /v1/chat/completions (chat) or /v1/completions.")] = "chat",
     timeout: Annotated[float, typer.Option(
         "--timeout", min=0.001, help="Seconds to wait for a connection and for each read of an answer.")] = 300.0,
+    hourly_price: Annotated[Optional[float], typer.Option(
+        "--hourly-price", min=0.0, help="The endpoint's price, $/hour, for $ per million tokens (default: the "
+                                        "deployment's, from SkyPilot's catalog at launch).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout, no progress bar.")] = False,
 ) -> None:
     """Benchmark an endpoint: requests/s, output tokens/s, time to first token, inter-token latency.
@@ -55,6 +58,7 @@ def bench(
     from mistral_deploy.errors import MistralDeployError
 
     out = Output(json_mode=json_out)
+    price_source = "--hourly-price"
     if name and url:
         raise typer.BadParameter("name a deployment or give --url, not both", param_hint="NAME / --url")
     if name:
@@ -67,6 +71,12 @@ def bench(
         variables = client_env(deployment, store)
         base_url, key, ca = variables["OPENAI_BASE_URL"], variables["OPENAI_API_KEY"], ca_file or deployment.tls_ca
         model = model or Recipe.model_validate(deployment.recipe).served_model_name
+        if hourly_price is None:
+            recorded = deployment.details.get("hourly_price")
+            if isinstance(recorded, (int, float)) and recorded > 0:  # a cloud's (Slurm, local: none)
+                hourly_price = float(recorded)
+                what = "every replica and the SkyServe controller" if deployment.backend == "serve" else "the VM"
+                price_source = f"{name}'s price at launch ({what}; SkyPilot's catalog)"
     else:
         base_url = url or os.environ.get(BASE_URL_ENV, "")
         if not base_url:
@@ -81,6 +91,7 @@ def bench(
                             concurrency=concurrency, input_len=input_len, output_len=output_len, timeout=timeout)
     with _progress(out, spec, show=not json_out and sys.stderr.isatty()) as on_progress:
         report = loadgen.run(spec, api_key=key, ca_file=ca, on_progress=on_progress)
+    loadgen.add_costs(report, hourly_price, price_source)
 
     if json_out:
         out.json(report)
@@ -152,7 +163,14 @@ def _print_report(out: Output, report: dict[str, Any]) -> None:
     if report["mean_input_tokens"] is not None:
         totals.add_row("input tokens (mean, as the endpoint counted)", f"{report['mean_input_tokens']:,.1f}")
     totals.add_row("errors", str(report["errors"]))
+    if report["usd_per_mtok_output"] is not None:
+        totals.add_row(f"$ per 1M output tokens (${report['hourly_price']:.3f}/hour over them)",
+                       f"{report['usd_per_mtok_output']:,.2f}")
+    if report["usd_per_mtok_input"] is not None:
+        totals.add_row("$ per 1M input tokens (the same hour over them)", f"{report['usd_per_mtok_input']:,.2f}")
     out.print(totals)
+    if report["price_source"]:
+        out.print(f"price: {report['price_source']}", markup=False)
     latencies = Table(box=None, pad_edge=False)
     for column in ("LATENCY (ms)", "MEAN", "P50", "P95", "P99"):
         latencies.add_column(column, justify="left" if column.startswith("LAT") else "right")

@@ -40,7 +40,7 @@ def plan(
     """
     from mistral_deploy import pricing
     from mistral_deploy.errors import RecipeError
-    from mistral_deploy.fit import architecture_of, check_fit, estimate
+    from mistral_deploy.fit import ESTIMATE_SOURCE, architecture_of, check_fit, decode_ceiling, estimate
     from mistral_deploy.recipe import LOCAL_CLOUD
 
     out = Output(json_mode=json_out)
@@ -79,6 +79,8 @@ def plan(
             "in SkyPilot's catalog; try another --gpu, --cloud or --region"
         )
 
+    ceilings = {str(g): decode_ceiling(r, g) for g in candidates}
+    variants = _variants(r, loaded.source, clouds, use_spot) if loaded.source.startswith("built-in") else []
     if json_out:
         out.json({
             "recipe": r.name,
@@ -89,12 +91,93 @@ def plan(
             "hours_per_month": pricing.HOURS_PER_MONTH,
             "clouds": clouds,
             "estimates": [_estimate_json(g, estimates[str(g)]) for g in r.resources.gpu],
-            "offers": [o.to_json(spot=use_spot, replicas=replicas) for o in offers],
+            "offers": [{**o.to_json(spot=use_spot, replicas=replicas),
+                        "usd_per_mtok_output_floor": _round(_per_mtok(o, ceilings, use_spot, replicas))}
+                       for o in offers],
+            "throughput_estimate": {"output_tokens_per_s_ceiling": {g: _round(t) for g, t in ceilings.items()},
+                                    "source": ESTIMATE_SOURCE},
+            "variants": variants,
         })
         return
-    _print_plan(out, r, loaded.source, estimates, offers, use_spot=use_spot, replicas=replicas)
+    _print_plan(out, r, loaded.source, estimates, offers, use_spot=use_spot, replicas=replicas, ceilings=ceilings)
+    if variants:
+        _print_variants(out, r.name, variants)
+    out.info(f"$/Mtok out (floor): the offer's price over the most output tokens/s its GPUs can decode "
+             f"({ESTIMATE_SOURCE})")
     if arch is None:
         out.warn(f"no fit estimate: {r.model.id} is not a known model; set model.architecture")
+
+
+# Built-in recipes that serve the same model (the quantized ones on cheaper GPUs): `plan` shows them beside
+# one another, with their price.
+VARIANTS: tuple[tuple[str, ...], ...] = (
+    ("mistral-7b-instruct", "mistral-7b-instruct-awq", "mistral-7b-instruct-gptq"),
+)
+
+
+def _round(value: "float | None", digits: int = 3) -> "float | None":
+    return None if value is None else round(value, digits)
+
+
+def _per_mtok(offer: "Offer", ceilings: dict[str, "float | None"], spot: bool, replicas: int) -> "float | None":
+    """$ per million output tokens at the estimated ceiling: a floor on what the offer's tokens cost."""
+    from mistral_deploy.bench import cost_per_million
+
+    ceiling = ceilings.get(str(offer.gpu))
+    return cost_per_million(offer.hourly(spot=spot) * replicas, ceiling * replicas if ceiling else None)
+
+
+def _variants(recipe: "Recipe", source: str, clouds: list[str], spot: bool) -> list[dict[str, object]]:
+    """The recipe's family (VARIANTS), each on its own GPUs: the cheapest offer and its $/Mtok floor."""
+    from mistral_deploy import pricing
+    from mistral_deploy.errors import MistralDeployError
+    from mistral_deploy.fit import architecture_of, decode_ceiling, estimate
+    from mistral_deploy.recipe import Overrides, load_recipe
+
+    family = next((f for f in VARIANTS if recipe.name in f), ())
+    rows: list[dict[str, object]] = []
+    for name in family:
+        try:
+            variant = load_recipe(name, Overrides(cloud=",".join(clouds) if name != recipe.name else None)).recipe
+        except MistralDeployError:
+            continue
+        variant = recipe if name == recipe.name else variant
+        arch = architecture_of(variant)
+        for gpu in variant.resources.gpu[:1]:
+            fit = estimate(variant, gpu, arch) if arch else None
+            offers = pricing.cheapest_first(
+                [o for c in clouds for o in pricing.find_offers([gpu], [c], variant.resources.region_for(c))], spot=spot)
+            ceiling = decode_ceiling(variant, gpu)
+            best = offers[0] if offers else None
+            rows.append({
+                "recipe": name, "model": variant.model.id, "quantization": variant.model.quantization,
+                "gpu": str(gpu), "weights_gib": _round(fit.weights_gib, 2) if fit else None,
+                "cheapest": f"{best.cloud} {best.region} {best.instance_type}" if best else None,
+                "price_per_hour": _round(best.hourly(spot=spot), 4) if best else None,
+                "usd_per_mtok_output_floor": _round(_per_mtok(best, {str(gpu): ceiling}, spot, 1)) if best else None,
+            })
+    return rows
+
+
+def _print_variants(out: Output, name: str, rows: list[dict[str, object]]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="The same model, other recipes (cheapest offer each)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for header in ("recipe", "weights", "GPU", "GiB", "cheapest", "$/h", "$/Mtok out (floor)"):
+        table.add_column(header, justify="right" if header in ("GiB", "$/h", "$/Mtok out (floor)") else "left",
+                         no_wrap=True)
+    for row in rows:
+        table.add_row(
+            f"{row['recipe']}{' (this one)' if row['recipe'] == name else ''}",
+            str(row["quantization"] or "16-bit"), str(row["gpu"]),
+            "-" if row["weights_gib"] is None else f"{row['weights_gib']:.1f}",
+            str(row["cheapest"] or "-"),
+            "-" if row["price_per_hour"] is None else f"{row['price_per_hour']:.3f}",
+            "-" if row["usd_per_mtok_output_floor"] is None else f"{row['usd_per_mtok_output_floor']:.3f}",
+        )
+    out.print(table)
 
 
 def _estimate_json(gpu: GpuRequest, est: FitEstimate | None) -> dict[str, object]:
@@ -121,6 +204,7 @@ def _print_plan(
     *,
     use_spot: bool,
     replicas: int,
+    ceilings: dict[str, float | None],
 ) -> None:
     from rich import box
     from rich.table import Table
@@ -135,7 +219,8 @@ def _print_plan(
     table = Table(title=f"Offers, cheapest first ({mode}, {HOURS_PER_MONTH} h/month{per})", title_justify="left",
                   box=box.SIMPLE_HEAD)
     for header, justify in (("cloud", "left"), ("region", "left"), ("instance type", "left"), ("GPU", "left"),
-                            ("$/h on-demand", "right"), ("$/h spot", "right"), ("est. $/month", "right")):
+                            ("$/h on-demand", "right"), ("$/h spot", "right"), ("est. $/month", "right"),
+                            ("$/Mtok out (floor)", "right")):
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for offer in offers:
         table.add_row(
@@ -146,5 +231,11 @@ def _print_plan(
             f"{offer.price:.3f}",
             "-" if offer.spot_price is None else f"{offer.spot_price:.3f}",
             f"{offer.monthly(spot=use_spot, replicas=replicas):,.0f}",
+            _money(_per_mtok(offer, ceilings, use_spot, replicas)),
         )
     out.print(table)
+
+
+def _money(value: "float | None") -> str:
+    return "-" if value is None else f"{value:.3f}"
+

@@ -61,6 +61,8 @@ VM_CERT_PATH = VM_STATE_DIR.replace("$HOME", "~") + "/gateway/tls/cert.pem"
 CA_FILE = "tls/ca.pem"  # under the deployment's folder
 LOG_TAIL_LINES = 40
 _PHASE_RE = re.compile(r"mistral-deploy: phase ([a-z][a-z-]*)")
+# What the download container says (templates/download_model.py): the exact commit the VM got.
+_DOWNLOADED_RE = re.compile(r"mistral-deploy: downloaded \S+ at ([0-9a-f]{40}) ")
 # The engine's own lines (vLLM 0.32) that start a phase of `up`: the weights load, then the warm-up
 # (profiling, KV cache, CUDA graphs) until the server answers.
 _ENGINE_PHASES = ((re.compile(r"Starting to load model"), "weights"),
@@ -80,6 +82,18 @@ SCALED_TO_ZERO = ("no replica runs until a request comes: SkyServe launches one 
                   "(minutes on a fresh VM); the load balancer answers 503 until then")
 _REPLICA_FAILED = {"FAILED", "FAILED_PROBING", "FAILED_PROVISION", "FAILED_INITIAL_DELAY", "FAILED_CLEANUP",
                    "FAILED_SETUP"}
+
+
+def pinned_to_commit(recipe: "Recipe", deployment: Deployment) -> "Recipe":
+    """The recipe to launch again for a running deployment: the Hub commit it serves (recorded at its first
+    download) unless the recipe moves to another revision; the recipe itself keeps what the user wrote."""
+    commit = deployment.details.get("model_commit")
+    recorded = deployment.recipe.get("model", {})
+    moved = (recipe.model.id != recorded.get("id") or recipe.model.revision != recorded.get("revision")
+             or recipe.model.source != recorded.get("source"))
+    if not commit or moved or recipe.model.source or recipe.model.revision == commit:
+        return recipe
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": commit})})
 
 
 def resource_name(deployment_name: str) -> str:
@@ -104,6 +118,7 @@ class _JobLog:
         self._on_phase = on_phase
         self.lines: deque[str] = deque(maxlen=400)
         self.phases: list[str] = []
+        self.commit: Optional[str] = None  # the Hub commit the download container fetched
         self.ended = threading.Event()  # the job's log ended: setup failed, or the run script exited
         self.failed: Optional[BaseException] = None  # following broke (the job may still run)
         self.stop = threading.Event()
@@ -112,6 +127,9 @@ class _JobLog:
 
     def feed(self, line: str) -> None:
         self.lines.append(line)
+        downloaded = _DOWNLOADED_RE.search(line)
+        if downloaded:
+            self.commit = downloaded.group(1)
         match = _PHASE_RE.search(line)
         phase = match.group(1) if match else next((p for rx, p in _ENGINE_PHASES if rx.search(line)), None)
         if phase and phase not in self.phases:
@@ -382,6 +400,8 @@ class CloudBackend(_CloudBase):
             # the job's log says how far the engine is; the probe's first step only says it is probing
             on_phase=lambda name: name != probe.STEP_HEALTH and phase(name),
         )
+        if job_log.commit:  # the exact weights served: kept for every later start (pinned_to_commit)
+            deployment.details["model_commit"] = job_log.commit
 
     # ------------------------------------------------------------------------------ changes in place
     def apply(self, deployment: Deployment, recipe: "Recipe", plan: "Plan", store: "StateStore",
@@ -449,7 +469,8 @@ class CloudBackend(_CloudBase):
         if plan.needs("ttl") or not ends_at:
             ends_at = _ends_at(recipe)
         left = None if ends_at is None else max(60, math.ceil(ends_at - time.time()))
-        task_config = render_task(recipe.model_copy(update={"lifetime": LifetimeSpec(ttl=left)}))
+        task_config = render_task(pinned_to_commit(recipe, deployment).model_copy(
+            update={"lifetime": LifetimeSpec(ttl=left)}))
         keys = store.read_keys(deployment.name)
         secrets = {KEY_HASHES_SECRET: hashes_secret(hashes_for(keys))}
         if not job_ended:
@@ -503,7 +524,7 @@ class CloudBackend(_CloudBase):
         from mistral_deploy.fit import check_fit
 
         check_fit(recipe)
-        task_config = render_task(recipe)
+        task_config = render_task(pinned_to_commit(recipe, deployment))
         sdk = self.sdk
         check_launchable(recipe, sdk)
         check_gpus_offered(recipe, sdk)

@@ -17,7 +17,7 @@ import yaml
 from mistral_deploy.errors import RecipeError
 from mistral_deploy.gateway import (PRIVATE_IP_PLACEHOLDER, UPSTREAM_TIMEOUT_SECONDS, GatewayLayout, listen_host_for,
                                     render_gateway_config, render_keys_map)
-from mistral_deploy.recipe import Recipe
+from mistral_deploy.recipe import BUILTIN_MODEL_PREFIX, Recipe
 from mistral_deploy.templates import render_template, template_text
 
 GATEWAY_IMAGE = "nginx:1.28.0-alpine"
@@ -275,6 +275,13 @@ def _weights_pattern(recipe: Recipe) -> str:
     return "*.safetensors"
 
 
+def _from_hub(recipe: Recipe) -> bool:
+    """The VM downloads the weights from the Hugging Face Hub (not a built-in model, a bucket, or a path)."""
+    model_id = recipe.model.id
+    return not (recipe.builtin_model or recipe.model.source or model_id.startswith(("/", ".", "~"))
+                or model_id.startswith(BUILTIN_MODEL_PREFIX))
+
+
 def render_run(recipe: Recipe) -> str:
     args = engine_args(recipe, model=_model_source(recipe), socket=VM_ENGINE_SOCKET, model_positional=True,
                        tensor_parallel=False)
@@ -297,7 +304,8 @@ def render_run(recipe: Recipe) -> str:
         token_by_ssh=recipe.model.needs_hf_token and recipe.replicas is None,
         token_file=HF_TOKEN_FILE.replace("~", "$HOME", 1),
         token_wait=HF_TOKEN_WAIT_SECONDS,
-        downloader=template_text("download_model.py") if recipe.model.needs_hf_token else "",
+        hub_download=_from_hub(recipe),
+        downloader=template_text("download_model.py") if _from_hub(recipe) else "",
         download_args=" ".join(shlex.quote(a) for a in (recipe.model.id, recipe.model.revision or "",
                                                         _weights_pattern(recipe))),
         builtin_model=recipe.builtin_model,

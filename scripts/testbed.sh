@@ -40,7 +40,7 @@ GPU=A10G
 # The images the rendered tasks pull (mistral_deploy.recipe.DEFAULT_VLLM_IMAGE, render.GATEWAY_IMAGE).
 VLLM_IMAGE="${MISTRAL_DEPLOY_TESTBED_VLLM_IMAGE:-vllm/vllm-openai:v0.32.0}"
 NGINX_IMAGE="${MISTRAL_DEPLOY_TESTBED_NGINX_IMAGE:-nginx:1.28.0-alpine}"
-IMAGES_VERSION=7  # bump when the stand-ins change: `install` rebuilds them
+IMAGES_VERSION=8  # bump when the stand-ins change: `install` rebuilds them (8: the engine has the Run:ai streamer)
 PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge openssh-server openssh-client rsync patchelf
           docker.io docker-registry busybox-static iproute2 nginx libnginx-mod-http-js openssl curl sudo)
 

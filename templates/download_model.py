@@ -2,8 +2,9 @@
 
 Usage: python download_model.py REPO REVISION WEIGHTS_PATTERN   (REVISION may be empty: the default branch)
 
-Runs on the VM, in the vLLM image, in a short-lived container that alone receives HF_TOKEN: the engine then
-starts offline (HF_HUB_OFFLINE=1) without the token. Fetches the configs, the tokenizer files and one
+Runs on the VM, in the vLLM image, in a short-lived container that alone receives a gated model's HF_TOKEN:
+the engine then starts offline (HF_HUB_OFFLINE=1) without it. Its last line names the exact commit fetched,
+which `up` records and pins for every later start of the deployment. Fetches the configs, the tokenizer files and one
 weights format (WEIGHTS_PATTERN, e.g. consolidated*.safetensors for `--load-format mistral`, or whatever
 format the repository has if it lacks that one), never both formats of a repository that ships two.
 """

@@ -311,6 +311,51 @@ def test_a_gated_model_is_downloaded_with_the_token_and_served_without_it(testbe
         testbed.clean()
 
 
+def test_weights_stream_from_a_bucket_with_no_hub_and_no_token_on_the_vm(testbed: Bed, bed_client: BedClient,
+                                                                         hub: HubStandIn, tmp_path: Path) -> None:
+    """`cache` fills a bucket (moto's S3 server, on the bed's Docker bridge as a bucket endpoint inside a VPC
+    would be) from the Hub at one commit; on the VM the engine streams the weights from it with the Run:ai
+    streamer the image ships: no download container, no token, nothing asked of the Hub."""
+    from hub_standin import COMMIT
+    from s3_server import moto_s3, s3_client
+
+    name = "bedbucket"
+    bridge = hub.url.split("//", 1)[1].rsplit(":", 1)[0]
+    with moto_s3(bridge, tmp_path / "moto.log") as s3:
+        s3_client(s3).create_bucket(Bucket="weights")
+        # the Slurm cluster alone: the client's environment below holds (moto's) AWS credentials
+        recipe = write_recipe(tmp_path / "r.yaml", name, model={"id": GATED, "hf_token": True, "max_model_len": 256},
+                              engine={"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                              # where the bucket is reached from the VM, as for an S3-compatible store
+                                              "AWS_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"], "AWS_REGION": "us-east-1",
+                                              "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+                                              "RUNAI_STREAMER_S3_UNSIGNED": "1", "AWS_EC2_METADATA_DISABLED": "true"}})
+        cached = tmp_path / "cached.yaml"
+        done = bed_client.cli("cache", str(recipe), "--to", "s3://weights/tiny", "--recipe-out", str(cached),
+                              env={**s3, "HF_ENDPOINT": hub.url, "HF_TOKEN": HF})
+        assert done.returncode == 0, done.stderr[-3000:]
+        fetched = list(hub.downloaded)
+        assert "model.safetensors" in fetched
+        up = bed_client.cli("up", str(cached), env=s3)  # no HF_TOKEN: none is needed
+        try:
+            assert up.returncode == 0, up.stderr[-3000:]
+            assert hub.downloaded == fetched  # the VM asked the Hub for nothing
+            assert bed_client.record(name)["details"]["model_commit"] == COMMIT
+            assert sorted(testbed.containers()) == ["md-engine", "md-gateway"]  # no download container ran
+            engine = json.loads(testbed.docker("inspect", "md-engine"))[0]
+            args = engine["Args"]
+            assert "s3://weights/tiny" in args and args[args.index("--load-format") + 1] == "runai_streamer"
+            assert "HF_HUB_OFFLINE=1" in engine["Config"]["Env"]
+            assert not any(v.startswith("HF_TOKEN") for v in engine["Config"]["Env"])
+            logs = bed_client.cli("logs", name, "-n", "1000")
+            assert "Runai Model Streamer" in logs.stdout
+            status = json.loads(bed_client.cli("status", name, "--json").stdout)
+            assert status["healthy"] is True
+        finally:
+            assert bed_client.cli("down", name).returncode == 0
+            testbed.clean()
+
+
 def _container_id(testbed: Bed, name: str) -> str:
     return testbed.docker("inspect", "-f", "{{.Id}}", name).strip()
 

@@ -367,3 +367,34 @@ def test_a_service_asks_for_blue_green_in_its_recipe(cloud: FakeSky, tmp_path: P
     _up(_write(tmp_path, _recipe(replicas={"min": 2, "update": "blue-green"}, **service)))
     update = next(c for c in cloud.calls if c.method == "serve_update")
     assert update.args["blue_green"] is True
+
+
+def test_the_hub_commit_of_the_first_download_is_kept_for_every_later_start(cloud: FakeSky, tmp_path: Path) -> None:
+    """The download container says which commit it fetched; `up` records it, and an engine restart or a new
+    cluster loads that commit again (download and engine pinned to it) until the recipe names another."""
+    commit = "3ad372fc79158a2148299e3318516c786aeded6c"
+    cloud.job_lines = [f"mistral-deploy: downloaded mistralai/Mistral-7B-Instruct-v0.3 at {commit} "
+                       "(consolidated*.safetensors) to /root/.cache/huggingface/hub/x", *cloud.job_lines]
+    first = _up(_write(tmp_path, _recipe()))
+    store = StateStore()
+    assert first["model_commit"] == commit and store.load("mistral-7b-instruct").details["model_commit"] == commit
+    first_run = next(c for c in cloud.calls if c.method == "launch").args["task_config"]["run"]
+    assert commit not in first_run and "--revision" not in first_run  # the first start: the default branch
+    cloud.calls.clear()
+
+    _up(_write(tmp_path, _recipe(model={"max_model_len": 4096})))  # an engine restart
+    run = next(c for c in cloud.calls if c.method == "launch").args["task_config"]["run"]
+    assert f"mistralai/Mistral-7B-Instruct-v0.3 {commit} 'consolidated*.safetensors'" in run  # the download
+    assert f"--revision {commit}" in run  # and the engine, offline, load that commit
+    record = store.load("mistral-7b-instruct")
+    assert "revision" not in record.recipe["model"]  # the recorded recipe stays what the user wrote
+    cloud.calls.clear()
+
+    # the recipe moves to another revision: that one is fetched, and its commit recorded
+    other = "0" * 39 + "1"
+    cloud.job_lines = [f"mistral-deploy: downloaded mistralai/Mistral-7B-Instruct-v0.3 at {other} (x) to y",
+                       *cloud.job_lines[1:]]
+    moved = _up(_write(tmp_path, _recipe(model={"max_model_len": 4096, "revision": "v0.3.1"})))
+    run = next(c for c in cloud.calls if c.method == "launch").args["task_config"]["run"]
+    assert "--revision v0.3.1" in run and commit not in run
+    assert moved["model_commit"] == other

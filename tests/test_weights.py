@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
-import boto3
 import httpx
 import pytest
 import yaml
@@ -27,7 +21,8 @@ from openai import OpenAI
 
 from conftest import ENGINE_PYTHON
 from hub_standin import COMMIT, HubStandIn
-from local_support import assert_gone, cli, cli_env, down_and_assert_gone, free_port, read_deployed
+from local_support import cli, cli_env, down_and_assert_gone, free_port, read_deployed
+from s3_server import moto_s3, s3_client
 from mistral_deploy import engine
 from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
 from mistral_deploy.render import render_run, render_task
@@ -38,40 +33,13 @@ BUCKET = "weights"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """moto's S3 server on a loopback port, and the environment that points boto3 and the streamer at it."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true",
-           # moto serves path-style URLs (http://host/bucket/key), not bucket.host
-           "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.2)
+    """moto's S3 server on loopback, with one bucket."""
+    with moto_s3("127.0.0.1", tmp_path_factory.mktemp("moto") / "moto.log") as env:
         client(env).create_bucket(Bucket=BUCKET)
         yield env
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=15)
-        assert_gone([server.pid], [port])
 
 
-def client(env: dict[str, str]):
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+client = s3_client
 
 
 def _recipe(path: Path, port: int) -> Path:

@@ -91,7 +91,11 @@ def pinned_to_commit(recipe: "Recipe", deployment: Deployment) -> "Recipe":
     recorded = deployment.recipe.get("model", {})
     moved = (recipe.model.id != recorded.get("id") or recipe.model.revision != recorded.get("revision")
              or recipe.model.source != recorded.get("source"))
-    if not commit or moved or recipe.model.source or recipe.model.revision == commit:
+    return recipe if moved else _with_revision(recipe, commit)
+
+
+def _with_revision(recipe: "Recipe", commit: Optional[str]) -> "Recipe":
+    if not commit or recipe.model.source or recipe.model.revision == commit:
         return recipe
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": commit})})
 
@@ -253,15 +257,15 @@ class CloudBackend(_CloudBase):
     _CERT_RETRY = 10.0  # seconds between certificate reads when the job's log cannot be followed
 
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress",
-           keys: Optional[dict[str, str]] = None) -> Deployment:
+           keys: Optional[dict[str, str]] = None, model_commit: Optional[str] = None) -> Deployment:
         """keys: the API keys to serve with (a deployment made again after its cluster vanished keeps its
-        keys); new ones by default."""
+        keys); new ones by default. model_commit: the Hub commit it served, loaded again (the same)."""
         from mistral_deploy.fit import check_fit
 
         clock = PhaseClock()
         clock.enter("checks")  # ours, before SkyPilot's launch: fit, rendering, what the clouds can do
         check_fit(recipe)
-        task_config = render_task(recipe)
+        task_config = render_task(_with_revision(recipe, model_commit))
         sdk = self.sdk
         check_launchable(recipe, sdk)  # what the clouds cannot do, said before anything exists
         check_gpus_offered(recipe, sdk)

@@ -325,6 +325,9 @@ def test_a_service_update_keeps_its_certificate_and_the_load_balancer(cloud: Fak
 
 
 def test_up_launches_a_vanished_cluster_again_with_the_same_keys(cloud: FakeSky, tmp_path: Path) -> None:
+    commit = "3ad372fc79158a2148299e3318516c786aeded6c"
+    cloud.job_lines = [f"mistral-deploy: downloaded mistralai/Mistral-7B-Instruct-v0.3 at {commit} (x) to y",
+                       *cloud.job_lines]
     path = _write(tmp_path, _recipe())
     _up(path)
     key = StateStore().read_api_keys("mistral-7b-instruct")[0]
@@ -334,8 +337,11 @@ def test_up_launches_a_vanished_cluster_again_with_the_same_keys(cloud: FakeSky,
     cloud.calls.clear()
     again = _up(path)
     assert again["recreated"] is True and again["phase"] == "ready"
-    assert [c.args["cluster_name"] for c in cloud.calls if c.method == "launch"] == ["md-mistral-7b-instruct"]
+    launches = [c for c in cloud.calls if c.method == "launch"]
+    assert [c.args["cluster_name"] for c in launches] == ["md-mistral-7b-instruct"]
+    assert f"--revision {commit}" in launches[0].args["task_config"]["run"]  # the weights it served before
     assert StateStore().read_api_keys("mistral-7b-instruct") == [key]
+    assert "revision" not in StateStore().load("mistral-7b-instruct").recipe["model"]
     assert json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)["healthy"] is True
 
 

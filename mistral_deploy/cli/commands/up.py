@@ -168,8 +168,10 @@ def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "Stat
                         progress.phase("repair", f"cluster {status.get('cluster')} is gone: launching it again "
                                                  f"(a new address; the same keys)")
                         keys = store.read_keys(name)
+                        served = existing.details.get("model_commit")  # the same recipe: the same weights
                         store.remove(name)
-                        deployment = backend.up(asked, store, progress, keys=keys)  # type: ignore[call-arg]
+                        deployment = backend.up(asked, store, progress, keys=keys,  # type: ignore[call-arg]
+                                                model_commit=served)
                         result["recreated"] = True
                     else:
                         # drift: the same recipe, but it does not answer (the engine died, the job ended)

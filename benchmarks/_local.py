@@ -35,9 +35,10 @@ def state_home() -> Iterator[Path]:
 
 @contextmanager
 def deployment(name: str = "bench", *, progress: Optional[object] = None, limits: Optional[dict] = None,
-               keys: int = 1, **flags: object) -> Iterator[tuple]:
+               keys: int = 1, guardrail: Optional[str] = None, **flags: object) -> Iterator[tuple]:
     """(deployment, api key, store) of a ready local tiny-mistral endpoint; taken down afterwards.
-    `limits` replaces the recipe's `limits:` section (every limit stays on); `keys`: API keys to make."""
+    `limits` replaces the recipe's `limits:` section (every limit stays on); `keys`: API keys to make;
+    `guardrail`: the recipe's guardrail."""
     from mistral_deploy.local import LocalBackend
     from mistral_deploy.progress import Progress
     from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
@@ -45,10 +46,12 @@ def deployment(name: str = "bench", *, progress: Optional[object] = None, limits
 
     loaded = load_recipe("tiny-mistral", Overrides(cloud="local", name=name, port=free_port(), **flags))
     recipe = loaded.recipe
-    if limits or keys != 1:
+    if limits or keys != 1 or guardrail:
         data = recipe.to_yaml_config()
         data["limits"] = limits or {}
         data["auth"] = {"keys": keys}
+        if guardrail:
+            data["guardrail"] = guardrail
         recipe = validate_recipe_data(data, loaded.source).recipe
     store = StateStore()
     backend = LocalBackend()

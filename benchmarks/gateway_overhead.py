@@ -9,6 +9,8 @@ limit on (`limits:` set high enough for one key and one address to hold 256 conn
   count, and the ratio of the medians (aim: >= 0.97); every answer must be a 200;
 - streaming: the first SSE chunk's delay of a streamed chat completion through the gateway and direct,
   median over --streams requests each, interleaved, and the difference (aim: < 1 ms).
+With --guardrail the recipe has `guardrail: mistral`: the gateway rewrites each chat request's body
+(gateway.js) and the direct requests carry the same system prompt, so the difference is the rewrite's cost.
 The load generator is the same for both paths (keep-alive HTTP/1.1 on asyncio streams), and its own
 ceiling is printed: its rate against a server that answers without work (nginx `return 200`).
 Load generator and server share the machine's cores.
@@ -102,9 +104,10 @@ def ceiling_server() -> tuple[subprocess.Popen, int, str]:
     return proc, port, folder
 
 
-def first_chunk_seconds(client, url: str, headers: dict[str, str]) -> float:  # type: ignore[no-untyped-def]
-    body = {"model": "tiny-mistral", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16,
-            "stream": True}
+def first_chunk_seconds(client, url: str, headers: dict[str, str],  # type: ignore[no-untyped-def]
+                        system: str = "") -> float:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
+    body = {"model": "tiny-mistral", "messages": messages, "max_tokens": 16, "stream": True}
     started = time.perf_counter()
     with client.stream("POST", url, json=body, headers=headers) as response:
         response.raise_for_status()
@@ -124,12 +127,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", default="16,256", help="connection counts, comma-separated")
     parser.add_argument("--streams", type=int, default=30)
+    parser.add_argument("--guardrail", action="store_true", help="the recipe's guardrail: mistral on")
     args = parser.parse_args()
     import httpx
 
     ceiling, ceiling_port, ceiling_dir = ceiling_server()
     try:
-        with state_home(), deployment("bench-gateway", limits=LIMITS) as (deployed, key, _store):
+        from mistral_deploy.gateway import GUARDRAIL_PROMPTS
+
+        guardrail = "mistral" if args.guardrail else None
+        system = GUARDRAIL_PROMPTS["mistral"] if args.guardrail else ""
+        with state_home(), deployment("bench-gateway", limits=LIMITS, guardrail=guardrail) as (deployed, key, _store):
             gateway_port = int(deployed.details["port"])
             socket_path = deployed.details["engine_socket"]
             gateway = deployed.endpoint.removesuffix("/v1")
@@ -155,14 +163,15 @@ def main() -> None:
             with httpx.Client(timeout=60, trust_env=False) as via_gateway, \
                     httpx.Client(timeout=60, transport=httpx.HTTPTransport(uds=socket_path)) as direct:
                 for i in range(args.streams + 2):
-                    for name, client, base, headers in (
-                            ("gateway", via_gateway, gateway, {"Authorization": auth}),
-                            ("direct", direct, "http://engine", {})):
-                        value = first_chunk_seconds(client, base + "/v1/chat/completions", headers)
+                    for name, client, base, headers, own_system in (
+                            ("gateway", via_gateway, gateway, {"Authorization": auth}, ""),
+                            ("direct", direct, "http://engine", {}, system)):
+                        value = first_chunk_seconds(client, base + "/v1/chat/completions", headers, own_system)
                         if i >= 2:  # the first two are warm-up
                             firsts[name].append(value)
             mg, md = statistics.median(firsts["gateway"]), statistics.median(firsts["direct"])
-            print(f"first streamed chunk, median of {args.streams} interleaved requests each:")
+            what = " (guardrail on: the gateway rewrites each body)" if args.guardrail else ""
+            print(f"first streamed chunk, median of {args.streams} interleaved requests each{what}:")
             print(f"  direct   {md * 1000:7.2f} ms")
             print(f"  gateway  {mg * 1000:7.2f} ms")
             print(f"  added    {(mg - md) * 1000:7.2f} ms  (aim < 1 ms)")

@@ -322,7 +322,9 @@ def test_weights_stream_from_a_bucket_with_no_hub_and_no_token_on_the_vm(testbed
     name = "bedbucket"
     bridge = hub.url.split("//", 1)[1].rsplit(":", 1)[0]
     with moto_s3(bridge, tmp_path / "moto.log") as s3:
-        s3_client(s3).create_bucket(Bucket="weights")
+        # the VM reads the bucket without credentials of its own (on AWS: the instance's role); moto serves
+        # anonymous reads of public-read objects
+        s3_client(s3).create_bucket(Bucket="weights", ACL="public-read")
         # the Slurm cluster alone: the client's environment below holds (moto's) AWS credentials
         recipe = write_recipe(tmp_path / "r.yaml", name, model={"id": GATED, "hf_token": True, "max_model_len": 256},
                               engine={"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -336,6 +338,8 @@ def test_weights_stream_from_a_bucket_with_no_hub_and_no_token_on_the_vm(testbed
         assert done.returncode == 0, done.stderr[-3000:]
         fetched = list(hub.downloaded)
         assert "model.safetensors" in fetched
+        for item in s3_client(s3).list_objects_v2(Bucket="weights")["Contents"]:
+            s3_client(s3).put_object_acl(Bucket="weights", Key=item["Key"], ACL="public-read")
         up = bed_client.cli("up", str(cached), env=s3)  # no HF_TOKEN: none is needed
         try:
             assert up.returncode == 0, up.stderr[-3000:]

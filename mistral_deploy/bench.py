@@ -10,20 +10,19 @@ sample messages (the key blanked out).
 The statistics (`percentile`, `distribution`, `summarize`) are pure; the HTTP lives in `run`. The hot
 loop timestamps each network read and parses only the few SSE events that are not plain token chunks,
 and httpx runs on a lean asyncio socket layer (`LoopBackend`, through a transport of our own:
-`LoopTransport`), so that the generator, which may share
+`loop_transport.LoopTransport`), so that the generator, which may share
 the machine with the engine it measures, stays far from being the bottleneck.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from mistral_deploy.errors import MistralDeployError
 
@@ -249,6 +248,12 @@ def _refusal(status: int, text: str, spec: LoadSpec, model: Optional[str]) -> Be
     return BenchError(f"HTTP {status} from {spec.base_url}: {snippet}")
 
 
+def _loop_transport(ssl: Any, connections: int) -> "httpx.AsyncBaseTransport":
+    from mistral_deploy.loop_transport import LoopTransport  # imports httpx and httpcore: only when sending
+
+    return LoopTransport(ssl, connections)
+
+
 def _client(spec: LoadSpec, api_key: str, ca_file: Optional[str]) -> "httpx.AsyncClient":
     import httpx
 
@@ -261,76 +266,9 @@ def _client(spec: LoadSpec, api_key: str, ca_file: Optional[str]) -> "httpx.Asyn
     # trust_env=False: a proxy from the environment must never see the key or sit in the measurements
     tls = httpx.create_ssl_context(verify=ssl_context(ca_file), trust_env=False)
     return httpx.AsyncClient(
-        base_url=spec.base_url.rstrip("/"), headers=headers, transport=LoopTransport(tls, spec.concurrency),
+        base_url=spec.base_url.rstrip("/"), headers=headers, transport=_loop_transport(tls, spec.concurrency),
         trust_env=False, timeout=httpx.Timeout(spec.timeout, connect=min(spec.timeout, 10.0)),
     )
-
-
-def LoopTransport(ssl: Any, connections: int) -> "httpx.AsyncBaseTransport":  # noqa: N802  (a class, built lazily)
-    """An httpx transport (httpx's public AsyncBaseTransport) over httpcore's connection pool on
-    `LoopBackend` (httpcore's public network_backend). httpx's own AsyncHTTPTransport does the same with
-    the anyio backend; the request and response are handed over as it hands them, and httpcore's errors
-    raised as httpx's of the same name, so callers see what they would see with httpx's transport."""
-    return _loop_transport_class()(ssl, connections)
-
-
-def _loop_transport_class() -> type:
-    global _LOOP_TRANSPORT
-    if _LOOP_TRANSPORT is not None:
-        return _LOOP_TRANSPORT
-    import httpcore
-    import httpx
-
-    class _ResponseStream(httpx.AsyncByteStream):
-        def __init__(self, stream: Any) -> None:
-            self._stream = stream
-
-        async def __aiter__(self):  # type: ignore[override]
-            with _httpx_errors(httpx, httpcore):
-                async for part in self._stream:
-                    yield part
-
-        async def aclose(self) -> None:
-            if hasattr(self._stream, "aclose"):
-                await self._stream.aclose()
-
-    class _Transport(httpx.AsyncBaseTransport):
-        def __init__(self, ssl: Any, connections: int) -> None:
-            self._pool = httpcore.AsyncConnectionPool(
-                ssl_context=ssl, max_connections=connections, max_keepalive_connections=connections,
-                network_backend=LoopBackend())
-
-        async def handle_async_request(self, request: "httpx.Request") -> "httpx.Response":
-            core = httpcore.Request(
-                method=request.method,
-                url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port,
-                                 target=request.url.raw_path),
-                headers=request.headers.raw, content=request.stream, extensions=request.extensions)
-            with _httpx_errors(httpx, httpcore):
-                answer = await self._pool.handle_async_request(core)
-            return httpx.Response(status_code=answer.status, headers=answer.headers,
-                                  stream=_ResponseStream(answer.stream), extensions=answer.extensions)
-
-        async def aclose(self) -> None:
-            await self._pool.aclose()
-
-    _LOOP_TRANSPORT = _Transport
-    return _Transport
-
-
-_LOOP_TRANSPORT: Optional[type] = None
-
-
-@contextlib.contextmanager
-def _httpx_errors(httpx: Any, httpcore: Any) -> Iterator[None]:
-    """httpcore's exceptions as httpx's of the same name (ReadTimeout, ConnectError, RemoteProtocolError...)."""
-    try:
-        yield
-    except httpcore.TimeoutException as exc:
-        raise getattr(httpx, type(exc).__name__, httpx.TimeoutException)(str(exc)) from exc
-    except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.PoolTimeout, httpcore.UnsupportedProtocol,
-            httpcore.ProxyError) as exc:
-        raise getattr(httpx, type(exc).__name__, httpx.TransportError)(str(exc)) from exc
 
 
 class _Buffered(asyncio.Protocol):

@@ -43,6 +43,7 @@ from mistral_deploy.render import (
     VM_STATE_DIR,
     admit_load_balancer,
     cloud_config,
+    from_hub,
     render_task,
     vm_gateway_tls,
 )
@@ -406,6 +407,8 @@ class CloudBackend(_CloudBase):
         )
         if job_log.commit:  # the exact weights served: kept for every later start (pinned_to_commit)
             deployment.details["model_commit"] = job_log.commit
+        elif not from_hub(recipe):  # a built-in model, a path, a bucket (up records its commit)
+            deployment.details.pop("model_commit", None)
 
     # ------------------------------------------------------------------------------ changes in place
     def apply(self, deployment: Deployment, recipe: "Recipe", plan: "Plan", store: "StateStore",

@@ -192,8 +192,7 @@ def estimate_price(recipe: "Recipe") -> Optional[float]:
         clouds = [c for c in recipe.resources.clouds if c in pricing.PRICED_CLOUDS]
         if not clouds:
             return None
-        offers = [o for c in clouds for o in pricing.find_offers(recipe.resources.gpu[:1], [c],
-                                                                     recipe.resources.region_for(c))]
+        offers = pricing.offers_for(recipe.resources, recipe.resources.gpu[:1], clouds)
         best = pricing.cheapest_first(offers, spot=recipe.resources.spot)
     except Exception:  # noqa: BLE001 - a price is informative only
         return None

@@ -32,7 +32,7 @@ CPU_BUILD_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")
 TINY_MODEL_BUILDER = "build_tiny_model.py"
 # vLLM's Run:ai model streamer, for weights in a bucket (model.source; vLLM's `runai` extra, S3 part): the
 # official image ships it, the CPU build does not.
-STREAMER_PACKAGE = "runai-model-streamer[s3]>=0.15.7"
+STREAMER_PACKAGE = "runai-model-streamer[s3]==0.17.0"  # vLLM 0.32's `runai` extra asks >=0.15.7
 STREAMER_MODULE = "runai_model_streamer_s3"
 
 
@@ -83,7 +83,11 @@ def install(*, cpu: Optional[bool] = None, force: bool = False,
     python = venv_python()
     if python.exists() and not force and engine_version(str(python)):
         if not _importable(str(python), STREAMER_MODULE):  # an engine installed before the streamer was
-            _run_logged([[str(python), "-m", "pip", "install", STREAMER_PACKAGE]], engine_dir() / "install.log")
+            try:
+                _run_logged([[str(python), "-m", "pip", "install", STREAMER_PACKAGE]], engine_dir() / "install.log")
+            except EngineError as exc:  # offline, say: the engine still serves all but bucket sources
+                say(f"warning: {exc.message}: a recipe with model.source (a bucket) will not load until it is "
+                    "installed; the rest works")
         say(f"the engine is installed: vLLM {engine_version(str(python))} in {python.parent.parent}")
         return python
     cpu = (not has_gpu()) if cpu is None else cpu

@@ -44,7 +44,6 @@ GPU_MEMORY_GIB: dict[str, float] = {
 }
 
 
-
 @dataclass(frozen=True)
 class QuantFormat:
     """How a quantization stores a linear layer's weights: `bits` per weight, plus, per `group` weights,
@@ -202,4 +201,3 @@ def decode_ceiling(recipe: Recipe, gpu: GpuRequest) -> Optional[float]:
     step_bytes = (weights_bytes(recipe.model.dtype, recipe.model.quantization, arch)
                   + ESTIMATE_CONCURRENCY * ESTIMATE_CONTEXT * kv_bytes)
     return ESTIMATE_CONCURRENCY * bandwidth * 1e9 * gpu.count / step_bytes
-

@@ -191,22 +191,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-# What SkyServe's controller runs on (sky.serve.constants.CONTROLLER_RESOURCES): a CPU VM, billed too.
-CONTROLLER_CPUS, CONTROLLER_MEMORY = "4+", "8+"
+def offers_for(resources: Any, gpus: list[GpuRequest], clouds: list[str]) -> list[Offer]:
+    """Every offer for these GPUs on these clouds, each in the recipe's region for it (resources:
+    the recipe's ResourcesSpec)."""
+    return [o for c in clouds for o in find_offers(gpus, [c], resources.region_for(c))]
 
 
 def controller_price(cloud: str, region: Optional[str] = None) -> Optional[float]:
-    """$/hour of the VM SkyServe's controller runs on: the cloud's default instance type for its CPUs and
-    memory (SkyPilot's catalog); None where the catalog cannot tell."""
+    """$/hour of the VM SkyServe's controller runs on (its CONTROLLER_RESOURCES: CPUs and memory): the
+    cloud's default instance type for them in SkyPilot's catalog; None where the catalog cannot tell."""
     try:
         from sky import catalog
+        from sky.serve.constants import CONTROLLER_RESOURCES
 
         with contextlib.redirect_stdout(io.StringIO()):
-            instance = catalog.get_default_instance_type(cpus=CONTROLLER_CPUS, memory=CONTROLLER_MEMORY,
+            instance = catalog.get_default_instance_type(cpus=CONTROLLER_RESOURCES.get("cpus"),
+                                                         memory=CONTROLLER_RESOURCES.get("memory"),
                                                          region=region, clouds=cloud)
             if instance is None:
                 return None
             return float(catalog.get_hourly_cost(instance, use_spot=False, region=region, zone=None, clouds=cloud))
     except Exception:  # noqa: BLE001 - a price is informative only
         return None
-

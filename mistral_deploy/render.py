@@ -275,11 +275,9 @@ def _weights_pattern(recipe: Recipe) -> str:
     return "*.safetensors"
 
 
-def _from_hub(recipe: Recipe) -> bool:
+def from_hub(recipe: Recipe) -> bool:
     """The VM downloads the weights from the Hugging Face Hub (not a built-in model, a bucket, or a path)."""
-    model_id = recipe.model.id
-    return not (recipe.builtin_model or recipe.model.source or model_id.startswith(("/", ".", "~"))
-                or model_id.startswith(BUILTIN_MODEL_PREFIX))
+    return not (recipe.model.source or recipe.model.id.startswith(("/", ".", "~", BUILTIN_MODEL_PREFIX)))
 
 
 def render_run(recipe: Recipe) -> str:
@@ -304,8 +302,8 @@ def render_run(recipe: Recipe) -> str:
         token_by_ssh=recipe.model.needs_hf_token and recipe.replicas is None,
         token_file=HF_TOKEN_FILE.replace("~", "$HOME", 1),
         token_wait=HF_TOKEN_WAIT_SECONDS,
-        hub_download=_from_hub(recipe),
-        downloader=template_text("download_model.py") if _from_hub(recipe) else "",
+        hub_download=from_hub(recipe),
+        downloader=template_text("download_model.py") if from_hub(recipe) else "",
         download_args=" ".join(shlex.quote(a) for a in (recipe.model.id, recipe.model.revision or "",
                                                         _weights_pattern(recipe))),
         builtin_model=recipe.builtin_model,

@@ -15,6 +15,7 @@ sources are streamed by the engine but filled with the cloud's own tools. Nothin
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -22,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from mistral_deploy.errors import CloudError, RecipeError
 
@@ -62,76 +63,125 @@ def _key(prefix: str, name: str) -> str:
 
 
 def wanted(names: list[str]) -> list[str]:
-    """The files of a repository that a cache holds: configs and tokenizer, and the Hub-layout weights."""
-    return sorted(n for n in names if "/" not in n
-                  and any(fnmatch.fnmatch(n, p) for p in CONFIG_PATTERNS + WEIGHTS_PATTERNS))
+    """The files of a repository that a cache holds: configs and tokenizer (in subfolders too, such as a
+    sentence-transformers model's 1_Pooling/config.json), and the Hub-layout weights (top level)."""
+    return sorted(n for n in names
+                  if any(fnmatch.fnmatch(n.rsplit("/", 1)[-1], p) for p in CONFIG_PATTERNS)
+                  or ("/" not in n and any(fnmatch.fnmatch(n, p) for p in WEIGHTS_PATTERNS)))
 
 
 def fetch_from_hub(repo: str, revision: Optional[str], folder: Path, say: Callable[[str], None]) -> str:
     """Download what a cache holds of `repo` at `revision` (None: the default branch) into `folder`; the
-    exact commit it resolved to. The token, if any, comes from HF_TOKEN; HF_ENDPOINT is honoured."""
+    exact commit it resolved to (and downloaded: by that commit). The token, if any, comes from HF_TOKEN;
+    HF_ENDPOINT is honoured."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError
 
     token = os.environ.get("HF_TOKEN") or None
-    try:
+    where = f"model.id: {repo}{'@' + revision if revision else ''}"
+    with _hub_errors(where):
         info = HfApi(token=token).model_info(repo, revision=revision, files_metadata=False)
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        why = {401: "the Hub refused the token (or none was given: export HF_TOKEN for a gated model)",
-               403: "the token has no access to this repository", 404: "no such repository or revision"}
-        raise CloudError(f"model.id: {repo}{'@' + revision if revision else ''}: "
-                         f"{why.get(status or 0, f'the Hub answered {status}')}") from None
     names = wanted([s.rfilename for s in info.siblings or []])
     if not any(fnmatch.fnmatch(n, p) for n in names for p in WEIGHTS_PATTERNS):
         raise CloudError(f"model.id: {repo} has no weights in the Hub's layout (model*.safetensors with "
                          "config.json) for the engine to stream")
     commit = str(info.sha)
     say(f"downloading {repo} at {commit} ({len(names)} files)")
-    snapshot_download(repo, revision=commit, allow_patterns=names, local_dir=str(folder), token=token)
+    with _hub_errors(where):
+        snapshot_download(repo, revision=commit, allow_patterns=names, local_dir=str(folder), token=token)
     return commit
 
 
-def _s3():
+@contextlib.contextmanager
+def _hub_errors(where: str) -> Iterator[None]:
+    """The Hub's refusals and network failures as one line (exit 9)."""
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        yield
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        why = {401: "the Hub refused the token (or none was given: export HF_TOKEN for a gated model)",
+               403: "the token has no access to this repository", 404: "no such repository or revision"}
+        raise CloudError(f"{where}: {why.get(status or 0, f'the Hub answered {status}')}") from None
+    except Exception as exc:
+        # the network (httpx's or requests' errors, an OSError) or the Hub library's own: one line
+        library = type(exc).__module__.split(".")[0]
+        if isinstance(exc, OSError) or library in ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub"):
+            raise CloudError(f"{where}: the download failed: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _s3() -> Any:
     import boto3
 
     return boto3.client("s3")  # the AWS credential chain; AWS_ENDPOINT_URL for S3-compatible stores
 
 
-def upload(folder: Path, url: str, cached: Cached, say: Callable[[str], None]) -> None:
-    """Upload the folder's files to the bucket, then the manifest (last: a cache without one is incomplete)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+@contextlib.contextmanager
+def _store_errors(what: str) -> Iterator[None]:
+    """boto3's failures (refusals, missing credentials, the endpoint unreachable, a failed transfer) as
+    one line naming what was asked (exit 9)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+    try:
+        yield
+    except NoCredentialsError:
+        raise CloudError(f"{what}: no AWS credentials found (environment, profile, SSO or instance role); "
+                         "`aws configure` or export AWS_PROFILE") from None
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise CloudError(f"{what}: {error.get('Code')}: {error.get('Message', '')}".rstrip(": ")) from None
+    except (BotoCoreError, Boto3Error) as exc:  # S3UploadFailedError wraps the ClientError of a transfer
+        raise CloudError(f"{what}: {_one_line(exc)}") from None
+
+
+def upload(folder: Path, url: str, cached: Cached, say: Callable[[str], None]) -> None:
+    """Upload the folder's files to the bucket, then the manifest. A prefix filled before is emptied of
+    its manifest first (a cache without one is incomplete) and of what the new commit does not have."""
     _scheme, bucket, prefix = split_url(url)
     s3 = _s3()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name in wanted([p.name]))
-    try:
+    files = [p for p in sorted(folder.rglob("*"))
+             if p.is_file() and ".cache" not in p.relative_to(folder).parts
+             and p.relative_to(folder).as_posix() in wanted([p.relative_to(folder).as_posix()])]
+    names = {p.relative_to(folder).as_posix() for p in files}
+    with _store_errors(f"--to: {url}"):
+        s3.delete_object(Bucket=bucket, Key=_key(prefix, MANIFEST))
+        listed = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
+        stale = [o["Key"] for page in listed for o in page.get("Contents", [])
+                 if o["Key"].removeprefix(_key(prefix, "")) not in names]
+        for key in stale:
+            say(f"removing {key} (not in {cached.repo} at {cached.commit or 'this build'})")
+            s3.delete_object(Bucket=bucket, Key=key)
         for path in files:
-            say(f"uploading {path.name} ({path.stat().st_size / 1e6:.1f} MB)")
-            s3.upload_file(str(path), bucket, _key(prefix, path.name))
-            cached.files[path.name] = path.stat().st_size
+            name = path.relative_to(folder).as_posix()
+            say(f"uploading {name} ({path.stat().st_size / 1e6:.1f} MB)")
+            s3.upload_file(str(path), bucket, _key(prefix, name))
+            cached.files[name] = path.stat().st_size
         s3.put_object(Bucket=bucket, Key=_key(prefix, MANIFEST),
                       Body=(json.dumps(cached.manifest(), indent=2, sort_keys=True) + "\n").encode(),
                       ContentType="application/json")
-    except (ClientError, BotoCoreError) as exc:
-        raise CloudError(f"--to: {url}: the upload failed: {_boto_reason(exc)}") from None
 
 
 def read_manifest(url: str) -> Optional[dict[str, Any]]:
-    """The bucket's manifest, or None where there is none; CloudError where it cannot be read."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    """The bucket's manifest, or None where there is none (or the source is not s3://); CloudError where
+    it cannot be read."""
+    from botocore.exceptions import ClientError
 
     scheme, bucket, prefix = split_url(url)
     if scheme != "s3":
         return None
-    try:
-        body = _s3().get_object(Bucket=bucket, Key=_key(prefix, MANIFEST))["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise CloudError(f"model.source: {url}: cannot read its {MANIFEST}: {_boto_reason(exc)}") from None
-    except BotoCoreError as exc:
-        raise CloudError(f"model.source: {url}: cannot read its {MANIFEST}: {_boto_reason(exc)}") from None
+    with _store_errors(f"model.source: {url}: cannot read its {MANIFEST}"):
+        try:
+            body = _s3().get_object(Bucket=bucket, Key=_key(prefix, MANIFEST))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
     try:
         data = json.loads(body)
     except ValueError:
@@ -139,21 +189,18 @@ def read_manifest(url: str) -> Optional[dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
-def _boto_reason(exc: Exception) -> str:
-    error = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
-    if error:
-        return f"{error.get('Code')}: {error.get('Message', '')}".strip().rstrip(":")
-    return str(exc).splitlines()[0]
-
-
 def source_commit(recipe: Any, recorded: Optional[str], say: Callable[[str], None]) -> Optional[str]:
     """The commit a recipe's bucket source holds (its manifest), checked against what the recipe asks
     (`model.revision`) and what the deployment served so far (`recorded`); None where it cannot be told."""
     source = recipe.model.source
-    manifest = read_manifest(source)
+    try:
+        manifest = read_manifest(source)
+    except CloudError as exc:  # the VM may read what this machine may not: said, not fatal
+        say(f"{exc.message}; the commit it holds is not checked or recorded")
+        return None
     if manifest is None:
-        say(f"model.source: {source} has no {MANIFEST} (not filled by `mistral-deploy cache`): the commit it "
-            "holds cannot be checked or recorded")
+        why = "not filled by `mistral-deploy cache`" if source.startswith("s3://") else "checked on s3:// only"
+        say(f"model.source: {source}: no {MANIFEST} read ({why}): the commit it holds is not checked or recorded")
         return None
     commit = manifest.get("commit")
     asked = recipe.model.revision

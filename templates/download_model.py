@@ -10,6 +10,7 @@ format the repository has if it lacks that one), never both formats of a reposit
 """
 
 import fnmatch
+import os
 import sys
 
 from huggingface_hub import HfApi, snapshot_download
@@ -26,7 +27,8 @@ def main(repo: str, revision: str, weights: str) -> None:
     # the cache records which commit the revision (or the default branch) resolved to: the engine, offline,
     # loads that commit
     path = snapshot_download(repo, revision=revision, allow_patterns=CONFIGS + [chosen])
-    print(f"mistral-deploy: downloaded {repo} at {info.sha} ({chosen}) to {path}", flush=True)
+    # the snapshot's folder is named after the commit it holds (what the branch resolved to at download)
+    print(f"mistral-deploy: downloaded {repo} at {os.path.basename(path)} ({chosen}) to {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -372,7 +372,7 @@ def test_the_fast_layer_is_a_transport_of_our_own_and_its_errors_are_httpxs():
     attribute swapped), and what goes wrong below it surfaces as httpx's own exceptions."""
     import httpx
 
-    from mistral_deploy.bench import LoopTransport
+    from mistral_deploy.loop_transport import LoopTransport
 
     transport = LoopTransport(httpx.create_ssl_context(), 4)
     assert isinstance(transport, httpx.AsyncBaseTransport) and not isinstance(transport, httpx.AsyncHTTPTransport)

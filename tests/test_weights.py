@@ -116,6 +116,26 @@ def test_cache_then_stream_the_weights_from_the_bucket_with_no_hub_and_no_token(
         down_and_assert_gone(deployed)
 
 
+@pytest.mark.engine
+def test_filling_a_prefix_again_leaves_nothing_stale_and_store_refusals_are_one_line(
+        s3: dict[str, str], models_dir: Path, tmp_path: Path) -> None:
+    env = {**cli_env(tmp_path, models_dir), **s3}
+    # what an earlier fill left: a shard the new weights do not have, and a manifest naming another commit
+    client(s3).put_object(Bucket=BUCKET, Key="again/model-00002-of-00002.safetensors", Body=b"an old shard")
+    client(s3).put_object(Bucket=BUCKET, Key="again/mistral-deploy.json", Body=b'{"commit": "' + b"e" * 40 + b'"}')
+    done = cli("cache", "tiny-mistral", "--to", f"s3://{BUCKET}/again", "--json", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = json.loads(done.stdout)["files"]
+    keys = sorted(o["Key"] for o in client(s3).list_objects_v2(Bucket=BUCKET, Prefix="again/")["Contents"])
+    assert keys == sorted(f"again/{name}" for name in [*files, "mistral-deploy.json"])
+    manifest = json.loads(client(s3).get_object(Bucket=BUCKET, Key="again/mistral-deploy.json")["Body"].read())
+    assert manifest["repo"] == "builtin:tiny-mistral" and manifest["commit"] is None  # built here: no commit
+
+    missing = cli("cache", "tiny-mistral", "--to", "s3://no-such-bucket/x", env=env)
+    assert missing.returncode == 9 and "--to: s3://no-such-bucket/x: NoSuchBucket" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) <= 2
+
+
 def test_a_bucket_source_renders_the_streamer_and_no_hub_download() -> None:
     data = load_recipe("mistral-7b-instruct", Overrides(cloud="aws", gpu="A10G")).recipe.to_yaml_config()
     data["model"].update(source="s3://my-weights/mistral-7b-instruct/", revision="0" * 40)

@@ -69,7 +69,7 @@ def plan(
     replicas = max(1, r.replicas.min) if r.replicas is not None else 1
 
     pricing.ensure_catalogs(clouds, say=out.info)  # a catalog never fetched here: once, with a timeout
-    found = [offer for c in clouds for offer in pricing.find_offers(candidates, [c], r.resources.region_for(c))]
+    found = pricing.offers_for(r.resources, candidates, clouds)
     offers = pricing.cheapest_first(found, spot=use_spot) if every else pricing.cheapest_per_region(found, spot=use_spot)
     if not offers:
         regions = sorted({r.resources.region_for(c) for c in clouds} - {None})
@@ -80,7 +80,7 @@ def plan(
         )
 
     ceilings = {str(g): decode_ceiling(r, g) for g in candidates}
-    variants = _variants(r, loaded.source, clouds, use_spot) if loaded.source.startswith("built-in") else []
+    variants = _variants(r, clouds, use_spot) if loaded.source.startswith("built-in") else []
     if json_out:
         out.json({
             "recipe": r.name,
@@ -92,7 +92,7 @@ def plan(
             "clouds": clouds,
             "estimates": [_estimate_json(g, estimates[str(g)]) for g in r.resources.gpu],
             "offers": [{**o.to_json(spot=use_spot, replicas=replicas),
-                        "usd_per_mtok_output_floor": _round(_per_mtok(o, ceilings, use_spot, replicas))}
+                        "usd_per_mtok_output_floor": _round(_per_mtok(o, ceilings, use_spot))}
                        for o in offers],
             "throughput_estimate": {"output_tokens_per_s_ceiling": {g: _round(t) for g, t in ceilings.items()},
                                     "source": ESTIMATE_SOURCE},
@@ -119,42 +119,41 @@ def _round(value: "float | None", digits: int = 3) -> "float | None":
     return None if value is None else round(value, digits)
 
 
-def _per_mtok(offer: "Offer", ceilings: dict[str, "float | None"], spot: bool, replicas: int) -> "float | None":
-    """$ per million output tokens at the estimated ceiling: a floor on what the offer's tokens cost."""
+def _per_mtok(offer: "Offer", ceilings: dict[str, "float | None"], spot: bool) -> "float | None":
+    """$ per million output tokens at the estimated ceiling: a floor on what the offer's tokens cost (with
+    replicas, price and tokens both scale: the same figure)."""
     from mistral_deploy.bench import cost_per_million
 
-    ceiling = ceilings.get(str(offer.gpu))
-    return cost_per_million(offer.hourly(spot=spot) * replicas, ceiling * replicas if ceiling else None)
+    return cost_per_million(offer.hourly(spot=spot), ceilings.get(str(offer.gpu)))
 
 
-def _variants(recipe: "Recipe", source: str, clouds: list[str], spot: bool) -> list[dict[str, object]]:
-    """The recipe's family (VARIANTS), each on its own GPUs: the cheapest offer and its $/Mtok floor."""
+def _variants(recipe: "Recipe", clouds: list[str], spot: bool) -> list[dict[str, object]]:
+    """The recipe's family (VARIANTS), each on its own GPUs in the same clouds and regions: the cheapest
+    offer and its $/Mtok floor."""
     from mistral_deploy import pricing
     from mistral_deploy.errors import MistralDeployError
     from mistral_deploy.fit import architecture_of, decode_ceiling, estimate
-    from mistral_deploy.recipe import Overrides, load_recipe
+    from mistral_deploy.recipe import load_recipe
 
     family = next((f for f in VARIANTS if recipe.name in f), ())
     rows: list[dict[str, object]] = []
     for name in family:
         try:
-            variant = load_recipe(name, Overrides(cloud=",".join(clouds) if name != recipe.name else None)).recipe
+            variant = recipe if name == recipe.name else load_recipe(name).recipe
         except MistralDeployError:
             continue
-        variant = recipe if name == recipe.name else variant
         arch = architecture_of(variant)
         for gpu in variant.resources.gpu[:1]:
             fit = estimate(variant, gpu, arch) if arch else None
-            offers = pricing.cheapest_first(
-                [o for c in clouds for o in pricing.find_offers([gpu], [c], variant.resources.region_for(c))], spot=spot)
-            ceiling = decode_ceiling(variant, gpu)
-            best = offers[0] if offers else None
+            best = next(iter(pricing.cheapest_first(pricing.offers_for(recipe.resources, [gpu], clouds), spot=spot)),
+                        None)
             rows.append({
                 "recipe": name, "model": variant.model.id, "quantization": variant.model.quantization,
                 "gpu": str(gpu), "weights_gib": _round(fit.weights_gib, 2) if fit else None,
                 "cheapest": f"{best.cloud} {best.region} {best.instance_type}" if best else None,
                 "price_per_hour": _round(best.hourly(spot=spot), 4) if best else None,
-                "usd_per_mtok_output_floor": _round(_per_mtok(best, {str(gpu): ceiling}, spot, 1)) if best else None,
+                "usd_per_mtok_output_floor": _round(_per_mtok(best, {str(gpu): decode_ceiling(variant, gpu)}, spot))
+                if best else None,
             })
     return rows
 
@@ -231,11 +230,10 @@ def _print_plan(
             f"{offer.price:.3f}",
             "-" if offer.spot_price is None else f"{offer.spot_price:.3f}",
             f"{offer.monthly(spot=use_spot, replicas=replicas):,.0f}",
-            _money(_per_mtok(offer, ceilings, use_spot, replicas)),
+            _money(_per_mtok(offer, ceilings, use_spot)),
         )
     out.print(table)
 
 
 def _money(value: "float | None") -> str:
     return "-" if value is None else f"{value:.3f}"
-

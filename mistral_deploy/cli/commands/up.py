@@ -64,8 +64,9 @@ def up(
     if asked.model.source:  # the commit its bucket holds, checked against the recipe and the deployment
         from mistral_deploy.weights import source_commit
 
-        recorded = existing.details.get("model_commit") if existing is not None else None
-        commit = source_commit(asked, recorded, say=out.warn)
+        # what it served from this same bucket (a commit from elsewhere, the Hub, is no reference)
+        same = existing is not None and existing.recipe.get("model", {}).get("source") == asked.model.source
+        commit = source_commit(asked, existing.details.get("model_commit") if same else None, say=out.warn)
     if existing is None:
         if dry_run:
             _report_creation(out, asked, json_out)
@@ -76,10 +77,15 @@ def up(
 
 
 def _record_commit(store: "StateStore", deployment: "Deployment", commit: "str | None") -> None:
-    """The exact model commit the deployment serves, kept for every later start and update."""
-    if commit and deployment.details.get("model_commit") != commit:
+    """With a bucket source, the exact commit it holds (or none known): what the deployment serves. (A
+    Hub model's commit is recorded by the backend that saw it downloaded.)"""
+    if not deployment.recipe_model().model.source or deployment.details.get("model_commit") == commit:
+        return
+    if commit:
         deployment.details["model_commit"] = commit
-        store.save(deployment)
+    else:
+        deployment.details.pop("model_commit", None)
+    store.save(deployment)
 
 
 def _report_creation(out: Output, recipe: "Recipe", json_out: bool) -> None:

@@ -13,17 +13,17 @@ from mistral_deploy.recipe import Architecture, GpuRequest, Recipe
 
 GIB = 1024**3
 
+# Mistral 7B v0.1 and v0.2 (Instruct v0.2 is the v0.1 architecture): 7.24 B parameters, vocab 32000.
+_MISTRAL_7B = Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128, hidden=4096, vocab=32000)
+
 # Architectures of the models the built-in recipes use (from each model's config.json).
 KNOWN_ARCHITECTURES: dict[str, Architecture] = {
-    "mistralai/Mistral-7B-v0.1": Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128, hidden=4096,
-                                              vocab=32000),
+    "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
     "mistralai/Mistral-7B-Instruct-v0.3": Architecture(params_b=7.25, layers=32, kv_heads=8, head_dim=128,
                                                        hidden=4096, vocab=32768),
-    # 4-bit quantizations of Mistral 7B Instruct v0.2 (its architecture: 7.24 B parameters, vocab 32000)
-    "TheBloke/Mistral-7B-Instruct-v0.2-AWQ": Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128,
-                                                          hidden=4096, vocab=32000),
-    "TheBloke/Mistral-7B-Instruct-v0.2-GPTQ": Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128,
-                                                           hidden=4096, vocab=32000),
+    # 4-bit quantizations of Mistral 7B Instruct v0.2
+    "TheBloke/Mistral-7B-Instruct-v0.2-AWQ": _MISTRAL_7B,
+    "TheBloke/Mistral-7B-Instruct-v0.2-GPTQ": _MISTRAL_7B,
     "mistralai/Mixtral-8x7B-Instruct-v0.1": Architecture(params_b=46.7, layers=32, kv_heads=8, head_dim=128,
                                                          hidden=4096, vocab=32000),
     "mistralai/Mistral-Nemo-Instruct-2407": Architecture(params_b=12.2, layers=40, kv_heads=8, head_dim=128,

@@ -7,8 +7,10 @@ Two boundaries, each one small function, and the only places that reach outside 
   class's `check_credentials`, which is what `sky check` runs on its API server), so no API server starts;
 - `aws_client(service, region)`: a boto3 client (tests hand back one with botocore's Stubber attached).
 
-Instance types, vCPUs and prices come from SkyPilot's catalog through mistral_deploy.pricing; `sky` and
-`boto3` are imported inside functions (seconds of start-up that only `doctor` pays).
+Instance types, vCPUs and prices come from SkyPilot's catalog through mistral_deploy.pricing, which fetches
+a catalog not on disk yet as `plan` does (once, with a timeout); offline, that is a failed check reported
+beside the credential checks, never a crash. `sky` and `boto3` are imported inside functions (seconds of
+start-up that only `doctor` pays).
 
 AWS counts GPU quota in vCPUs per region and instance family ("Running On-Demand G and VT instances",
 "All G and VT Spot Instance Requests", ...). The quota is a ceiling on everything running in the region:
@@ -24,11 +26,13 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from mistral_deploy.errors import RecipeError
+from mistral_deploy.errors import CloudError, RecipeError
 from mistral_deploy.recipe import LOCAL_CLOUD, GpuRequest, Recipe
 
+# The command a hint names when a check needs running again (a catalog fetch that failed offline).
+COMMAND = "doctor"
 # Checked when neither --cloud nor the recipe names a cloud.
 DEFAULT_CLOUDS = ("aws", "gcp", "azure", "kubernetes")
 ON_DEMAND, SPOT = "on-demand", "spot"
@@ -203,8 +207,9 @@ def aws_client(service: str, region: str) -> Any:
 # --- the checks ----------------------------------------------------------------------------------
 
 
-def diagnose(recipe: Recipe, source: str) -> DoctorReport:
-    """Every preflight check for the recipe (with its flags applied)."""
+def diagnose(recipe: Recipe, source: str, say: Callable[[str], None] = lambda _line: None) -> DoctorReport:
+    """Every preflight check for the recipe (with its flags applied): the clouds' credentials first, then on
+    AWS the GPU quota. `say` gets progress lines (a catalog being fetched)."""
     targets = recipe.resources.clouds  # several: SkyPilot fails over between them, one usable is enough
     report = DoctorReport(recipe=recipe.name, source=source, cloud=",".join(targets) or None)
     if targets == [LOCAL_CLOUD]:
@@ -232,7 +237,10 @@ def diagnose(recipe: Recipe, source: str) -> DoctorReport:
         ))
 
     if "aws" in targets or (not targets and "aws" in enabled):
-        check_aws_quota(recipe, report)
+        try:
+            check_aws_quota(recipe, report, say)
+        except CloudError as exc:  # the catalog missing and not fetched, or unreadable: a failed check
+            report.problems.append(Problem(exc.message, (exc.hint,) if exc.hint else ()))
     elif not targets:
         report.notes.append("GPU quota not checked: SkyPilot cannot use AWS here; pass --cloud aws to check it")
     else:
@@ -268,7 +276,7 @@ def markets(recipe: Recipe) -> list[tuple[str, bool]]:
     return [(ON_DEMAND, not res.spot or spot_fallback), (SPOT, res.spot)]
 
 
-def check_aws_quota(recipe: Recipe, report: DoctorReport) -> None:
+def check_aws_quota(recipe: Recipe, report: DoctorReport, say: Callable[[str], None] = lambda _line: None) -> None:
     """Read the EC2 vCPU quotas the recipe's GPU candidates need, in one region, into the report."""
     from mistral_deploy import pricing
 
@@ -276,13 +284,15 @@ def check_aws_quota(recipe: Recipe, report: DoctorReport) -> None:
     if not gpus:
         report.notes.append("no GPU in the recipe: no GPU quota to check (pass --gpu)")
         return
+    # instance types and vCPUs come from SkyPilot's AWS catalog: fetched once if missing, as `plan` does
+    pricing.ensure_catalogs(["aws"], say=say, command=COMMAND)
     use_spot = recipe.resources.spot
     instances = max(1, recipe.replicas.min) if recipe.replicas is not None else 1
     region = recipe.resources.region_for("aws")
     if region is None:
         # where SkyPilot tries first: the cheapest region for the first candidate that AWS offers
         for gpu in gpus:
-            found = pricing.cheapest_first(pricing.find_offers([gpu], ["aws"]), spot=use_spot)
+            found = pricing.cheapest_first(pricing.find_offers([gpu], ["aws"], command=COMMAND), spot=use_spot)
             if found:
                 region = found[0].region
                 report.notes.append(f"region {region}: the cheapest for {gpu} in SkyPilot's catalog, where a "
@@ -298,7 +308,7 @@ def check_aws_quota(recipe: Recipe, report: DoctorReport) -> None:
 
     reader = _QuotaReader(region)
     for gpu in gpus:
-        offers = pricing.find_offers([gpu], ["aws"], region)
+        offers = pricing.find_offers([gpu], ["aws"], region, command=COMMAND)
         if not offers:
             report.notes.append(f"{gpu}: AWS offers no instance with it in {region}")
             continue
@@ -458,8 +468,6 @@ def instance_vcpus(instance_type: str) -> int:
     with contextlib.redirect_stdout(io.StringIO()):
         vcpus, _memory = sky.catalog.get_vcpus_mem_from_instance_type(instance_type, clouds="aws")
     if vcpus is None:
-        from mistral_deploy.errors import CloudError
-
         raise CloudError(f"SkyPilot's AWS catalog lists no vCPU count for {instance_type}")
     return int(math.ceil(float(vcpus)))
 

@@ -79,14 +79,17 @@ def catalog_files(clouds: Iterable[str]) -> dict[str, Path]:
     return {cloud: Path(common.get_catalog_path(f"{cloud}/vms.csv")) for cloud in clouds}
 
 
-def ensure_catalogs(clouds: Iterable[str], say: Callable[[str], None] = lambda _line: None) -> None:
-    """Fetch the VM catalogs of these clouds that are not on disk yet (once; SkyPilot refreshes them later)."""
+def ensure_catalogs(clouds: Iterable[str], say: Callable[[str], None] = lambda _line: None, *,
+                    command: str = "plan") -> None:
+    """Fetch the VM catalogs of these clouds that are not on disk yet (once; SkyPilot refreshes them later).
+    `command`: the mistral-deploy command the hint of a failed fetch says to run again."""
     for cloud, path in catalog_files(clouds).items():
         if not path.is_file():
-            fetch_catalog(f"{cloud}/vms.csv", path, say)
+            fetch_catalog(f"{cloud}/vms.csv", path, say, command=command)
 
 
-def fetch_catalog(filename: str, path: Path, say: Callable[[str], None], *, timeout: float = FETCH_TIMEOUT) -> None:
+def fetch_catalog(filename: str, path: Path, say: Callable[[str], None], *, timeout: float = FETCH_TIMEOUT,
+                  command: str = "plan") -> None:
     """One catalog file, as SkyPilot's own fetch writes it: the file, and the md5 beside it in `.meta/` that
     marks it as downloaded (not edited), so that SkyPilot keeps refreshing it."""
     import hashlib
@@ -124,12 +127,14 @@ def fetch_catalog(filename: str, path: Path, say: Callable[[str], None], *, time
     raise CloudError(
         f"SkyPilot's {cloud} catalog is not downloaded yet ({path}), and fetching it failed ({problem})",
         hint=f"fetch it once while online, e.g. `sky show-gpus --infra {cloud}`, or set {CATALOG_URL_ENV} to a "
-             "mirror of SkyPilot's catalogs, then run plan again",
+             f"mirror of SkyPilot's catalogs, then run {command} again",
     )
 
 
-def find_offers(gpus: list[GpuRequest], clouds: list[str], region: Optional[str] = None) -> list[Offer]:
-    """Every (cloud, region, instance type) that offers each GPU configuration, with its catalog prices."""
+def find_offers(gpus: list[GpuRequest], clouds: list[str], region: Optional[str] = None, *,
+                command: str = "plan") -> list[Offer]:
+    """Every (cloud, region, instance type) that offers each GPU configuration, with its catalog prices.
+    `command`: the mistral-deploy command the hint for a missing catalog says to run again."""
     unknown = [c for c in clouds if c not in PRICED_CLOUDS]
     if unknown:
         raise RecipeError(
@@ -140,7 +145,7 @@ def find_offers(gpus: list[GpuRequest], clouds: list[str], region: Optional[str]
         cloud, path = next(iter(missing.items()))
         raise CloudError(
             f"SkyPilot's {cloud} catalog is not downloaded yet ({path})",
-            hint=f"fetch it once while online, e.g. `sky show-gpus --infra {cloud}`, then run plan again",
+            hint=f"fetch it once while online, e.g. `sky show-gpus --infra {cloud}`, then run {command} again",
         )
     offers: list[Offer] = []
     for gpu in gpus:

@@ -378,6 +378,111 @@ def test_table_output(sky_session: Any, sky_check: Any, quotas: Any) -> None:
     assert "L-DB2E81BA" in row and "all checks passed" not in out
 
 
+# --- SkyPilot's catalog: fetched as `plan` fetches it; offline, a failed check beside the credential checks --
+
+
+def _doctor_subprocess(*args: str, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+    code = "from mistral_deploy.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, "doctor", *args], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, **(env or {})})
+
+
+def _no_aws_credentials(tmp_path: Path) -> dict[str, str]:
+    """No credentials anywhere (conftest removed AWS_* from the environment), every endpoint a closed port."""
+    return {"AWS_ENDPOINT_URL": CLOSED_PORT_URL, "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+
+
+def test_missing_catalog_offline_reports_the_credential_check_and_names_doctor(tmp_path: Path) -> None:
+    """A fresh SkyPilot home with no catalog, whose source (conftest) is a closed port: the credential check is
+    reported, the fetch is tried as `plan` tries it, and its failure is a failed check whose hint says to run
+    doctor again (not plan)."""
+    proc = _doctor_subprocess("mistral-7b-instruct", "--cloud", "aws", "--gpu", "A10G", "--json",
+                              env=_no_aws_credentials(tmp_path))
+    assert proc.returncode == CloudError.exit_code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    [aws] = report["clouds"]  # SkyPilot's own check ran, and is in the report
+    assert aws["cloud"] == "aws" and aws["target"] is True and aws["enabled"] is False and aws["reason"]
+    assert "fetching SkyPilot's aws catalog (aws/vms.csv, once) from 127.0.0.1:9" in proc.stderr
+    messages = [p["message"] for p in report["problems"]]
+    assert messages[0] == f"SkyPilot cannot use aws: {aws['reason']}"
+    [catalog] = [p for p in report["problems"] if "catalog" in p["message"]]
+    assert catalog["message"].startswith("SkyPilot's aws catalog is not downloaded yet (")
+    assert "fetching it failed (ConnectError" in catalog["message"]
+    assert catalog["hints"] and catalog["hints"][0].endswith("then run doctor again")
+    assert "plan again" not in proc.stderr and "plan again" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {message}" for message in messages]
+    assert report["quotas"] == [] and report["ok"] is False
+
+
+def test_missing_catalog_is_fetched_once_as_plan_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SkyPilot's AWS VM catalog missing, every other catalog file there; a catalog server on loopback stands
+    in for GitHub: doctor fetches it (with the md5 SkyPilot writes beside its own downloads) and goes on to
+    the quota, whose read fails for want of credentials, one line."""
+    import functools
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from _catalog import seed_catalog
+
+    runtime = Path(os.environ["SKY_RUNTIME_DIR"])
+    vms = seed_catalog(runtime) / "aws" / "vms.csv"
+    vms.unlink()
+    served: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            served.append(self.path)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(CATALOG_FIXTURE.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**_no_aws_credentials(tmp_path),
+               "MISTRAL_DEPLOY_SKYPILOT_CATALOG_URL": f"http://127.0.0.1:{server.server_address[1]}/catalog"}
+        proc = _doctor_subprocess("mistral-7b-instruct", "--cloud", "aws", "--gpu", "A10G", "--region", REGION,
+                                  "--json", env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert proc.returncode == CloudError.exit_code, proc.stderr
+    assert "fetching SkyPilot's aws catalog (aws/vms.csv, once)" in proc.stderr
+    assert served == [f"/catalog/{CATALOG_VERSION}/aws/vms.csv"]
+    text = vms.read_text(encoding="utf-8")
+    assert text == (CATALOG_FIXTURE / CATALOG_VERSION / "aws" / "vms.csv").read_text(encoding="utf-8")
+    assert (vms.parent.parent / ".meta" / "aws" / "vms.csv.md5").read_text() == hashlib.md5(text.encode()).hexdigest()
+    report = json.loads(proc.stdout)
+    assert [c["cloud"] for c in report["clouds"]] == ["aws"]
+    on_demand = _by_market(report)["on-demand"]  # the fetched catalog's instance type, its quota not readable
+    assert on_demand["instance_type"] == _cheapest("A10G", region=REGION)["InstanceType"]
+    assert on_demand["status"] == "error"
+    assert any(p["message"].startswith("no AWS credentials found") for p in report["problems"])
+    assert not any("catalog" in p["message"] for p in report["problems"])
+
+
+def test_an_unreadable_catalog_is_a_failed_check_after_the_credential_check(
+    sky_session: Any, sky_check: Any, no_aws_calls: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mistral_deploy import pricing
+
+    sky_check(aws=(True, None))
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise CloudError("reading SkyPilot's catalog failed: ParserError: bad row")
+
+    monkeypatch.setattr(pricing, "_list_accelerators", unreadable)
+    result = run_cli("doctor", "mistral-7b", "--cloud", "aws", "--gpu", "A10G")
+    assert result.exit_code == CloudError.exit_code, result.output
+    assert "Traceback" not in result.output
+    assert "aws (target)" in result.stdout and "yes" in result.stdout  # the credential check is reported
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: reading SkyPilot's catalog failed: ParserError: bad row"]
+
+
 # --- the real SkyPilot boundary, and quota codes ----------------------------------------------------------
 
 

@@ -28,15 +28,16 @@ def doctor(
     """Check, before any money is spent, that the recipe can launch: which clouds SkyPilot can use, and on AWS
     whether the account's GPU vCPU quota in the region (on-demand and spot) covers the instance it needs.
 
-    Without --region, the region is the cheapest in SkyPilot's catalog, where a launch tries first.
-    Exit 0: every check passed; 9: a check failed (credentials, quota); 3: invalid recipe or flag.
+    Without --region, the region is the cheapest in SkyPilot's catalog, where a launch tries first; a catalog
+    not on disk yet is fetched once, as `plan` does.
+    Exit 0: every check passed; 9: a check failed (credentials, quota, the catalog); 3: invalid recipe or flag.
     """
     from mistral_deploy import doctor as checks
     from mistral_deploy.errors import CloudError
 
     out = Output(json_mode=json_out)
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, spot=spot))
-    report = checks.diagnose(loaded.recipe, loaded.source)
+    report = checks.diagnose(loaded.recipe, loaded.source, say=out.info)
     if json_out:
         out.json(report.to_json())
     else:

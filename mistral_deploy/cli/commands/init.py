@@ -56,10 +56,12 @@ def init(
     command: Annotated[
         str, typer.Option("--command", help="The test command, run with OPENAI_BASE_URL and OPENAI_API_KEY set.")
     ] = DEFAULT_TEST_COMMAND,
-    package: Annotated[
+    install_from: Annotated[
         Optional[str],
-        typer.Option("--package", help="pip requirement for mistral-deploy (default: this version from PyPI), "
-                                       "e.g. a git+https URL."),
+        typer.Option("--install-from", "--package",
+                     help="Where the job installs mistral-deploy from, pinned: git+https://HOST/REPO@<40-hex commit> "
+                          "or an archive URL ending #sha256=<hex>. Default: where this copy came from (pip's "
+                          "record), never a package index."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
@@ -68,15 +70,25 @@ def init(
     TTL is the backstop). It runs on pushes to main and by hand, never on pull requests: give the
     environment required reviewers and each run waits for a maintainer's approval.
 
-    Exit 0: written; 1: the file exists (pass --force) or cannot be written; 3: invalid recipe or flag.
+    The job installs mistral-deploy from a pinned source (mistral-deploy is not on PyPI, where the name could
+    be anyone's): where this copy came from as pip recorded it (git at its commit, an archive with its
+    sha256, this repository's own folder, or the pushed commit of a clean git checkout), or --install-from.
+
+    Exit 0: written; 1: the file exists (pass --force) or cannot be written; 3: invalid recipe or flag, or no
+    pinned source for mistral-deploy.
     """
-    from mistral_deploy.errors import MistralDeployError
+    from mistral_deploy.errors import MistralDeployError, RecipeError
+    from mistral_deploy.install_source import resolve
 
     output = Output()
     if out_path.exists() and not force:
         raise MistralDeployError(f"{out_path} exists; pass --force to overwrite it")
+    if install_from is not None and ("\n" in install_from or "\r" in install_from):
+        raise RecipeError("--install-from: must be one line")
+    source = resolve(install_from, out_path)
     renderer = {CiSystem.github: render_github_workflow}[ci]
-    text, secrets = renderer(recipe=recipe, cloud=cloud, gpu=gpu, ttl=ttl, command=command, package=package)
+    text, secrets = renderer(recipe=recipe, cloud=cloud, gpu=gpu, ttl=ttl, command=command,
+                             package=source.requirement, package_origin=source.origin)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(out_path.name + ".tmp")
@@ -85,6 +97,7 @@ def init(
     except OSError as exc:
         raise MistralDeployError(f"--out: cannot write {out_path}: {exc.strerror}") from None
     output.info(f"wrote {out_path}")
+    output.info(f"the job installs mistral-deploy from {source.origin}: {source.requirement}")
     output.info(f"add these secrets to the GitHub environment {GITHUB_ENVIRONMENT!r} (Settings > Environments) "
                 "and give it required reviewers: " + ", ".join(name for name, _ in secrets))
     output.info(f"the workflow runs on pushes to {DEFAULT_BRANCH} and by hand, never on pull requests")
@@ -93,20 +106,22 @@ def init(
 
 
 def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[str], ttl: str, command: str,
-                           package: Optional[str]) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The workflow's text, and the repository secrets it reads. Validates the recipe with the flags."""
+                           package: str, package_origin: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The workflow's text, and the repository secrets it reads. Validates the recipe with the flags.
+    `package`: the pinned pip requirement for mistral-deploy (mistral_deploy.install_source), `package_origin`
+    where it comes from, in words."""
     import math
     import shlex
     from importlib import metadata
 
     import yaml
 
-    from mistral_deploy import __version__
     from mistral_deploy.errors import MistralDeployError, RecipeError
     from mistral_deploy.recipe import format_duration
     from mistral_deploy.templates import render_template
 
-    for flag, value in (("--recipe", recipe), ("--command", command), ("--package", package or "")):
+    for flag, value in (("--recipe", recipe), ("--command", command), ("--install-from", package),
+                        ("--install-from", package_origin)):
         if "\n" in value or "\r" in value:
             raise RecipeError(f"{flag}: must be one line")
     if not command.strip():
@@ -133,7 +148,7 @@ def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[s
     except metadata.PackageNotFoundError:
         skypilot_version = None
     sky_requirement = f"skypilot[{target}]" + (f"=={skypilot_version}" if skypilot_version else "")
-    requirements = [package or f"mistral-deploy=={__version__}", sky_requirement]
+    requirements = [package, sky_requirement]
     context: dict[str, Any] = {
         "cloud": target,
         "recipe_label": f"{recipe}" + (f" on {gpu}" if gpu else ""),
@@ -142,6 +157,7 @@ def render_github_workflow(*, recipe: str, cloud: Optional[str], gpu: Optional[s
         "timeout_minutes": math.ceil(ttl_seconds / 60) + JOB_TIMEOUT_MARGIN_MIN,
         "command": command.strip(),
         "install": " ".join(shlex.quote(r) for r in requirements),
+        "install_origin": f"mistral-deploy from {package_origin}: pinned, never a name on a package index",
         "python_version": PYTHON_VERSION,
         "hf_token": loaded.recipe.model.needs_hf_token,
         "secrets": secrets,

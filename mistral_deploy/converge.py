@@ -152,6 +152,12 @@ def effect_of(path: str, *, local: bool) -> str:
     return "engine-restart" if local else "new-cluster"  # unknown: the safe side
 
 
+def _tokenized_by_mistral(*recipes: "Recipe") -> bool:
+    from mistral_deploy.render import uses_mistral_tokenizer
+
+    return all(uses_mistral_tokenizer(list(r.model.vllm_args)) for r in recipes)
+
+
 def diff(recorded: "Recipe", asked: "Recipe", backend: str) -> Plan:
     """The plan that takes a deployment recorded with `recorded` to `asked`; RecipeError for the changes
     no plan can make in place (where it runs: local <-> cloud, one VM <-> a service)."""
@@ -174,6 +180,8 @@ def diff(recorded: "Recipe", asked: "Recipe", backend: str) -> Plan:
         if old == new:
             continue
         effect = effect_of(path, local=local)
+        if path == "guardrail" and effect == "gateway-reload" and not _tokenized_by_mistral(recorded, asked):
+            effect = "engine-restart"  # the engine's chat template keeps the guardrail first (render.engine_args)
         if backend == "serve" and effect in ("gateway-reload", "engine-restart", "new-cluster", "ttl"):
             effect = "service-update"  # replicas get everything through SkyServe
         changes.append(Change(path, old, new, effect))

@@ -10,10 +10,12 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from mistral_deploy.recipe import Recipe
 from mistral_deploy.templates import render_template
+
+if TYPE_CHECKING:
+    from mistral_deploy.recipe import Recipe
 
 # The OpenAI routes a model of each task needs; everything else is refused with 404.
 ROUTES: dict[str, tuple[str, ...]] = {
@@ -32,6 +34,11 @@ GUARDRAIL_PROMPTS: dict[str, str] = {
 NGINX_MODULES_DIR = "/usr/lib/nginx/modules"
 # The id of the key a SkyServe readiness probe sends: capped by gateway.js to one-token requests.
 PROBE_KEY_ID = "probe"
+
+# Requests without a valid key (401, 404, /health) per client address: a flood of them costs the gateway
+# little and the engine nothing.
+UNAUTHENTICATED_PER_MINUTE = 1200
+UNAUTHENTICATED_BURST = 200
 
 # How long the gateway waits on the engine (a long prompt's first token, a long non-streamed answer).
 # SkyServe's load balancer, in front of replicas' gateways, is given the same (render._service).
@@ -118,10 +125,20 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
         auth_enabled=recipe.auth.enabled,
         allow=recipe.network.allow if allow is None else allow,
         max_body_size=recipe.network.max_body_size,
+        # room for a chunked body's framing: a body within the cap never spills to a file gateway.js cannot read
+        body_buffer_size=body_bytes(recipe.network.max_body_size) + 65536,
+        unauthenticated_per_minute=UNAUTHENTICATED_PER_MINUTE,
+        unauthenticated_burst=UNAUTHENTICATED_BURST,
         routes=routes_for(recipe),
         upstream_timeout=UPSTREAM_TIMEOUT_SECONDS,
         guardrail=_nginx_string(GUARDRAIL_PROMPTS[recipe.guardrail]) if recipe.guardrail else "",
     )
+
+
+def body_bytes(size: str) -> int:
+    """An nginx size ("1m", "512k", "4096") in bytes."""
+    scale = {"k": 1024, "m": 1024 * 1024}.get(size[-1:].lower(), 1)
+    return int(size.rstrip("kKmM")) * scale
 
 
 def _nginx_string(text: str) -> str:

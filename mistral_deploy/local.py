@@ -2,22 +2,29 @@
 
     <deployment dir>/
       engine.log                  the engine's output
-      (the engine's TMPDIR is a short md-NAME-* folder in the system temp dir: IPC socket paths)
       gateway/nginx.conf          rendered from templates/nginx.conf.j2 (no secret in it)
-      gateway/api_keys.map        0600: the keys' SHA-256 hashes, as the gateway's map include
       gateway/gateway.js          the gateway's key hashing and body limits (njs)
       gateway/tls/                ca.pem (clients pin it), cert.pem, key.pem (0600)
       gateway/error.log, access.log (never a key: see the template's log_format)
 
-The engine serves on a Unix socket in a 0700 folder of this user's; the gateway is the only listener: 127.0.0.1 for a private
-endpoint, every address (with the allowed CIDRs enforced) for a public one. Keys reach nginx through the
-0600 include file, the Hugging Face token reaches the engine through its environment: never argv.
+    <a short md-NAME-* folder in the system temp dir>/   this user's, group: the gateway's workers, 2750
+      engine.sock                 the engine's Unix socket, 0770: the gateway's workers may open it
+      engine/                     0700: the engine's TMPDIR (its IPC sockets)
+      gateway/api_keys.map        0640: the keys' SHA-256 hashes, the gateway's map include (gateway.js reads
+                                  it too, to refuse a revoked key in an old worker)
+      gateway/temp/               nginx's temporary files, its workers' own
+
+The gateway is the only listener: 127.0.0.1 for a private endpoint, every address (with the allowed CIDRs
+enforced) for a public one. Started by root, its workers (which parse untrusted requests) run as an
+unprivileged user (www-data, or nobody), whose group alone may open the engine's socket; started by another
+user, they run as that user. The Hugging Face token reaches the engine through its environment: never argv.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import resource
 import shutil
 import signal
@@ -49,6 +56,8 @@ if TYPE_CHECKING:
 ENGINE_LOG = "engine.log"
 ENGINE_SOCKET = "engine.sock"
 GATEWAY_DIR = "gateway"
+# Who runs the gateway's workers when root starts it: the first of these that exists.
+WORKER_USERS = ("www-data", "nobody")
 LOG_TAIL_LINES = 30
 # Locally a probe costs nothing: poll often, so that `up` returns soon after the engine first answers.
 LOCAL_PROBE_INTERVAL = 0.05
@@ -157,10 +166,10 @@ class LocalBackend:
             # The engine's TMPDIR holds its IPC sockets and the Unix socket it serves on, whose paths must
             # stay under 108 bytes: a short private (0700) folder in the system's temp dir, not under the
             # (possibly deep) state folder. Only this user (the gateway's) can open it.
-            tmpdir = tempfile.mkdtemp(prefix=f"md-{recipe.name[:12]}-")
+            tmpdir = _make_tmpdir(recipe.name)
             deployment.details["tmpdir"] = tmpdir
             engine_socket = str(Path(tmpdir) / ENGINE_SOCKET)
-            layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, engine_socket)
+            layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, Path(tmpdir))
             scheme = "https" if recipe.tls_enabled else "http"
             deployment.endpoint = f"{scheme}://127.0.0.1:{port}/v1"
             deployment.tls_ca = tls_ca
@@ -170,7 +179,7 @@ class LocalBackend:
             env = self._engine_env(recipe, Path(tmpdir), hf_env)
             argv = [python, "-m", "vllm.entrypoints.openai.api_server",
                     *engine_args(recipe, model=model, socket=engine_socket)]
-            engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory)
+            engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory, umask=0o007)
             deployment.details["engine"] = engine_ref.to_json()
             store.save(deployment)
 
@@ -234,7 +243,7 @@ class LocalBackend:
     def _engine_env(recipe: "Recipe", tmpdir: Path, hf_env: dict[str, str]) -> dict[str, str]:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env["TMPDIR"] = str(tmpdir)
+        env["TMPDIR"] = str(tmpdir / "engine")
         env["VLLM_CACHE_ROOT"] = str(engine.engine_dir() / "cache")
         # torch's compile cache would land in TMPDIR (~150 MB), which is per deployment: share it instead
         env["TORCHINDUCTOR_CACHE_DIR"] = str(engine.engine_dir() / "cache" / "torchinductor")
@@ -255,13 +264,13 @@ class LocalBackend:
 
     @staticmethod
     def _write_gateway(recipe: "Recipe", directory: Path, keys: dict[str, str], listen_host: str, port: int,
-                       engine_socket: str) -> tuple[GatewayLayout, Optional[str]]:
+                       tmpdir: Path) -> tuple[GatewayLayout, Optional[str]]:
         """The gateway's files. Written again when a change is applied: the certificate is made once and
         kept (clients pin it)."""
         gw = directory / GATEWAY_DIR
         gw.mkdir(mode=0o700, exist_ok=True)
-        (gw / "temp").mkdir(mode=0o700, exist_ok=True)
-        keys_file = write_private(gw / "api_keys.map", render_keys_map(hashes_for(keys)))
+        worker = worker_user()
+        keys_file = write_keys_map(tmpdir, keys)
         js_file = gw / "gateway.js"
         js_file.write_text(template_text("gateway.js"), encoding="utf-8")
         tls_ca = cert = key = None
@@ -272,14 +281,13 @@ class LocalBackend:
                 generate_tls(tls, list(dict.fromkeys(hosts)), common_name=recipe.name)
             cert, key, tls_ca = str(tls / "cert.pem"), str(tls / "key.pem"), str(tls / "ca.pem")
         layout = GatewayLayout(
-            listen_host=listen_host, port=port, engine_socket=engine_socket, js_file=str(js_file),
+            listen_host=listen_host, port=port, engine_socket=str(tmpdir / ENGINE_SOCKET), js_file=str(js_file),
             # both logs go through rotating pipes (processes.spawn): error.log and access.log
             keys_file=str(keys_file), pid_file=str(gw / "nginx.pid"), error_log="stderr",
-            access_log="/dev/stdout", temp_dir=str(gw / "temp"), tls_cert=cert, tls_key=key,
+            access_log="/dev/stdout", temp_dir=str(tmpdir / GATEWAY_DIR / "temp"), tls_cert=cert, tls_key=key,
             worker_processes="auto", max_open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
-            # nginx started by root would run its workers as nobody, who cannot open the engine's socket
-            # folder (0700): they run as this user, as they do for everyone else
-            user="root" if os.geteuid() == 0 else None,
+            # started by root, the workers (which parse untrusted requests) run as an unprivileged user
+            user=worker[0] if worker else None,
         )
         config = render_gateway_config(recipe, layout)
         (gw / "nginx.conf").write_text(config, encoding="utf-8")
@@ -353,14 +361,16 @@ class LocalBackend:
         keys = store.read_keys(name)
 
         if tmpdir is None:
-            tmpdir = tempfile.mkdtemp(prefix=f"md-{name[:12]}-")
+            tmpdir = _make_tmpdir(name)
+        else:
+            _prepare_tmpdir(Path(tmpdir))  # made before workers ran as another user: given their group
         engine_socket = str(Path(tmpdir) / ENGINE_SOCKET)
         if restart_engine:
             progress.phase("engine-stop", f"pid {engine_ref.pid}" if engine_ref else "not running")
             processes.stop(engine_ref)
             engine_ref = None
             Path(engine_socket).unlink(missing_ok=True)  # vLLM binds it anew, and refuses a leftover file
-        layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, engine_socket)
+        layout, tls_ca = self._write_gateway(recipe, directory, keys, listen_host, port, Path(tmpdir))
         if restart_gateway:
             progress.phase("gateway", f"nginx on {listen_host}:{port}")
             processes.stop(gateway_ref)
@@ -389,7 +399,7 @@ class LocalBackend:
                 argv = [python, "-m", "vllm.entrypoints.openai.api_server",
                         *engine_args(recipe, model=model, socket=engine_socket)]
                 engine_ref = processes.spawn(argv, env=self._engine_env(recipe, Path(tmpdir), hf_env),
-                                             log=directory / ENGINE_LOG, cwd=directory)
+                                             log=directory / ENGINE_LOG, cwd=directory, umask=0o007)
                 details["engine"] = engine_ref.to_json()
             deployment.phase = "updating" if restart_engine else deployment.phase
             store.save(deployment)
@@ -425,8 +435,12 @@ class LocalBackend:
         """The gateway holds exactly `keys` from now on: its key map rewritten, then a reload (requests in
         flight, a revoked key's included, finish; the next request with a revoked key is refused)."""
         gw = store.dir(deployment.name) / GATEWAY_DIR
-        write_private(gw / "api_keys.map", render_keys_map(hashes_for(keys)))
+        tmpdir = deployment.details.get("tmpdir")
         gateway_ref = ProcessRef.from_json(deployment.details.get("gateway"))
+        if tmpdir and Path(tmpdir).is_dir():
+            write_keys_map(Path(tmpdir), keys)
+        else:
+            gateway_ref = None  # its files are gone (a reboot): `up` writes them again
         if not processes.alive(gateway_ref):
             progress.phase("keys", "the gateway is not running: the keys apply when it starts (`mistral-deploy up`)")
             return
@@ -570,6 +584,51 @@ def _pid_in(path: Path) -> Optional[int]:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def worker_user() -> Optional[tuple[str, int]]:
+    """(name, group id) of the unprivileged user the gateway's workers run as when root starts nginx; None
+    for another user, whose workers run as itself."""
+    if os.geteuid() != 0:
+        return None
+    for name in WORKER_USERS:
+        try:
+            return name, pwd.getpwnam(name).pw_gid
+        except KeyError:
+            continue
+    raise EngineError(f"no unprivileged user ({' or '.join(WORKER_USERS)}) to run the gateway's workers as")
+
+
+def _make_tmpdir(name: str) -> str:
+    """The deployment's private folder in the system's temp dir: a short path (the engine's Unix socket and
+    its IPC sockets must stay under 108 bytes), not under the (possibly deep) state folder."""
+    tmpdir = tempfile.mkdtemp(prefix=f"md-{name[:12]}-")
+    _prepare_tmpdir(Path(tmpdir))
+    return tmpdir
+
+
+def _prepare_tmpdir(tmpdir: Path) -> None:
+    """tmpdir 2750 and its gateway/ 0750, in the group of the gateway's workers (the engine's socket, made
+    0770 under them, inherits it: only this user and those workers may open it); engine/ 0700, the
+    engine's own."""
+    worker = worker_user()
+    gid = worker[1] if worker else os.getegid()
+    (tmpdir / "engine").mkdir(mode=0o700, exist_ok=True)
+    (tmpdir / GATEWAY_DIR / "temp").mkdir(mode=0o750, parents=True, exist_ok=True)
+    for folder, mode in ((tmpdir, 0o2750), (tmpdir / GATEWAY_DIR, 0o750), (tmpdir / GATEWAY_DIR / "temp", 0o750)):
+        os.chown(folder, -1, gid)
+        os.chmod(folder, mode)
+
+
+def write_keys_map(tmpdir: Path, keys: dict[str, str]) -> Path:
+    """The gateway's keys map (hashes only) in the deployment's private temp folder: readable by the
+    gateway's workers, which check a key against it after a change (gateway.js)."""
+    path = write_private(tmpdir / GATEWAY_DIR / "api_keys.map", render_keys_map(hashes_for(keys)))
+    worker = worker_user()
+    if worker:
+        os.chown(path, -1, worker[1])
+        os.chmod(path, 0o640)
+    return path
 
 
 def _remove_tmpdir(deployment: Deployment) -> None:

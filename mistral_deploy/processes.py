@@ -68,9 +68,9 @@ LOG_BACKUPS = 2
 
 
 def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path,
-          err_log: Optional[Path] = None) -> ProcessRef:
+          err_log: Optional[Path] = None, umask: int = -1) -> ProcessRef:
     """Start a detached process (its own session: Ctrl-C in the terminal does not reach it), its output
-    appended to `log` (its standard error to `err_log` if given).
+    appended to `log` (its standard error to `err_log` if given); `umask`: the process's own.
 
     The output goes through a pipe to a `mistral_deploy.logpipe` process of the same process group, which
     keeps the log files within LOG_MAX_BYTES each and ends with the process."""
@@ -80,6 +80,7 @@ def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path,
         proc = subprocess.Popen(
             list(argv), env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=pipes[0][1],
             stderr=pipes[1][1] if len(pipes) > 1 else subprocess.STDOUT, start_new_session=True, close_fds=True,
+            umask=umask,
         )
     except BaseException:
         for read_end, _ in pipes:

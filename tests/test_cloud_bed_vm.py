@@ -105,8 +105,11 @@ def test_public_vm_serves_over_tls_pinned_to_the_certificate_the_vm_made(vm: Bas
         Path(ca).write_bytes(cert_file.read_bytes())  # what `up` fetches over SSH and stores
         endpoint = f"https://127.0.0.1:{port}/v1"
         probe.wait_ready(endpoint, KEYS[0], "tiny-mistral", ca_file=ca, timeout=READY_WITHIN, interval=1)
+        # hashes only, readable by the gateway's workers through gateway/ (0711); the state folder is 0700
         key_map = vm.md_dir / "gateway" / "api_keys.map"
-        assert stat.S_IMODE(key_map.stat().st_mode) == 0o600
+        assert stat.S_IMODE(key_map.stat().st_mode) == 0o644
+        assert stat.S_IMODE((vm.md_dir / "gateway").stat().st_mode) == 0o711
+        assert stat.S_IMODE(vm.md_dir.stat().st_mode) == 0o700
 
         # the official client, over TLS pinned to the VM's certificate, streaming
         from openai import OpenAI

@@ -76,6 +76,14 @@ def test_each_change_costs_what_it_must_on_a_vm(sections, field, effect) -> None
                                                                       "new-cluster", "service-update"].index)
 
 
+def test_a_guardrail_is_an_engine_restart_where_the_engine_gets_our_chat_template() -> None:
+    """Mistral's tokenizer keeps the system message itself: a gateway reload; a Hugging Face template
+    (the AWQ recipe) is replaced by ours with the guardrail: the engine restarts."""
+    for ref, effect in (("mistral-7b-instruct", "gateway-reload"), ("mistral-7b-instruct-awq", "engine-restart")):
+        plan = diff(_recipe(ref), _recipe(ref, guardrail="mistral"), "cloud")
+        assert [(c.field, c.effect) for c in plan.changes] == [("guardrail", effect)], ref
+
+
 def test_locally_the_listener_is_the_gateways_and_gpus_do_not_matter() -> None:
     local = load_recipe("tiny-mistral", Overrides(cloud="local")).recipe
     port = diff(local, load_recipe("tiny-mistral", Overrides(cloud="local", port=9999)).recipe, "local")

@@ -101,3 +101,71 @@ def test_status_and_the_recorded_recipe_show_it(guarded: Deployed) -> None:
     assert json.loads(shown.stdout)["healthy"] is True  # the readiness probe's completion still passes
     recorded = json.loads((guarded.dir / "deployment.json").read_text())
     assert recorded["recipe"]["guardrail"] == "mistral"
+
+
+# Mistral's own tokenizers (--tokenizer-mode mistral: mistral_common's chat format, no template), each one
+# mistral_common ships (v1 to v7 SentencePiece, Tekken): every order the gateway lets through keeps the system
+# message (the guardrail) in the prompt. Run in the engine's Python, with the mistral_common vLLM uses.
+_MISTRAL_FORMATS = r"""
+import glob, json, os, sys
+import mistral_common
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+guardrail = sys.argv[1]
+call = ToolCall(id="abcdefghi", function=FunctionCall(name="f", arguments="{}"))
+orders = {
+    "user": [UserMessage(content="hello")],
+    "ends-with-assistant": [UserMessage(content="hello"), AssistantMessage(content="Sure.", prefix=True)],
+    "multi-turn": [UserMessage(content="hello"), AssistantMessage(content="Sure."), UserMessage(content="again")],
+    "ends-with-tool-result": [UserMessage(content="hello"), AssistantMessage(tool_calls=[call]),
+                              ToolMessage(content="42", tool_call_id="abcdefghi")],
+}
+found = {}
+for path in sorted(glob.glob(os.path.join(os.path.dirname(mistral_common.__file__), "data", "*"))):
+    tokenizer = MistralTokenizer.from_file(path)
+    for name, turns in orders.items():
+        request = ChatCompletionRequest(messages=[SystemMessage(content=guardrail), *turns])
+        try:
+            text = tokenizer.encode_chat_completion(request).text
+        except Exception as exc:  # v1 has no tools
+            found[f"{os.path.basename(path)} {name}"] = f"refused: {exc}"
+            continue
+        found[f"{os.path.basename(path)} {name}"] = guardrail in text.replace("\u2581", " ")
+print(json.dumps(found))
+"""
+
+
+def test_every_mistral_tokenizer_keeps_the_guardrail_in_each_accepted_order() -> None:
+    import subprocess
+
+    from local_support import require_engine
+
+    proc = subprocess.run([require_engine(), "-c", _MISTRAL_FORMATS, GUARDRAIL], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(found) >= 6 * 4  # v1, v2, v3, v7, tekken...: each with every order
+    dropped = {case: kept for case, kept in found.items() if kept is not True and not (
+        isinstance(kept, str) and "Tools not implemented" in kept)}
+    assert dropped == {}
+
+
+@pytest.mark.parametrize("recipe, template", [("tiny-mistral", True), ("mistral-7b-instruct-awq", True),
+                                              ("mistral-7b-instruct-gptq", True), ("mistral-7b-instruct", False),
+                                              ("mixtral-8x7b-instruct", False)])
+def test_the_engine_gets_a_chat_template_that_keeps_the_guardrail_unless_mistral_tokenizes(
+        recipe: str, template: bool) -> None:
+    from mistral_deploy.recipe import Recipe, load_recipe
+    from mistral_deploy.render import engine_args, guardrail_chat_template
+
+    plain = load_recipe(recipe).recipe
+    guarded = Recipe.model_validate({**plain.to_yaml_config(), "guardrail": "mistral"})
+    args = engine_args(guarded, model="m", socket="/s")
+    assert ("--chat-template" in args) is template
+    if template:
+        assert args[args.index("--chat-template") + 1] == guardrail_chat_template()
+        assert "\n" not in guardrail_chat_template() and "{{- bos_token -}}" in guardrail_chat_template()
+    assert "--chat-template" not in engine_args(plain, model="m", socket="/s")

@@ -6,6 +6,7 @@ endpoint make their own. Every deployment is taken down by its test, and its PID
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import http.client
 import json
@@ -233,10 +234,17 @@ def test_health_passes_no_query_to_the_engine(endpoint):
 
 def test_keys_never_leave_their_0600_files(endpoint):
     key = endpoint.key
-    for secret_file in (endpoint.dir / "api_keys", endpoint.dir / "gateway" / "api_keys.map"):
-        assert stat.S_IMODE(os.stat(secret_file).st_mode) == 0o600
-    # the gateway holds the key's SHA-256 only
-    assert hashlib.sha256(key.encode()).hexdigest() in (endpoint.dir / "gateway" / "api_keys.map").read_text()
+    assert stat.S_IMODE(os.stat(endpoint.dir / "api_keys").st_mode) == 0o600
+    # the gateway holds the key's SHA-256 only, in the private temp folder: readable by this user and, when
+    # root started it, by the group of the gateway's unprivileged workers (gateway.js reads it)
+    tmpdir = Path(endpoint.record["details"]["tmpdir"])
+    key_map = tmpdir / "gateway" / "api_keys.map"
+    assert hashlib.sha256(key.encode()).hexdigest() in key_map.read_text()
+    worker_gid = grp.getgrnam("www-data").gr_gid if os.geteuid() == 0 else os.getegid()
+    assert (stat.S_IMODE(os.stat(key_map).st_mode), os.stat(key_map).st_gid) == (
+        (0o640, worker_gid) if os.geteuid() == 0 else (0o600, worker_gid))
+    assert stat.S_IMODE(os.stat(tmpdir).st_mode) == 0o2750
+    assert stat.S_IMODE(os.stat(tmpdir / "engine").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(endpoint.dir).st_mode) == 0o700
     _raw(endpoint, "GET", "/v1/models?probe=keys-test", _auth(key))
     _raw(endpoint, "GET", "/v1/models", {"Authorization": "Bearer md-wrong-key-00000000000000000000"})

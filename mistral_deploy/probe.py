@@ -10,13 +10,14 @@ verification off.
 
 from __future__ import annotations
 
-import ssl
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mistral_deploy.errors import NotReadyError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: `status` of a deployment that is down probes nothing
+    import ssl
+
     import httpx
 
 # The probe's own steps, reported through on_phase while it waits.
@@ -37,6 +38,8 @@ def base_url(endpoint: str) -> str:
 
 def ssl_context(ca_file: Optional[str]) -> ssl.SSLContext | bool:
     """What httpx verifies against: the pinned certificate when there is one, the system's CAs otherwise."""
+    import ssl
+
     if ca_file:
         return ssl.create_default_context(cafile=ca_file)
     return True
@@ -51,6 +54,8 @@ def client(ca_file: Optional[str] = None, timeout: float = 30.0) -> "httpx.Clien
 
 def check_health(endpoint: str, *, ca_file: Optional[str] = None, timeout: float = 5.0) -> bool:
     """The gateway's /health (no key): True when it answers 200, i.e. the engine behind it is ready."""
+    import ssl
+
     import httpx
 
     try:
@@ -135,6 +140,8 @@ def wait_ready(
 ) -> float:
     """Probe until ready; return the seconds waited. NotReadyError on timeout, when `alive()` turns
     False (the engine died: no point waiting), or on an answer that waiting will not change."""
+    import ssl
+
     import httpx
 
     started = time.monotonic()

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -578,8 +577,10 @@ def read_recipe_data(path: Path, source: str) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{source}: cannot read the recipe: {exc}") from None
+    import yaml  # here: `schema`, and the deployments' own records, need no YAML
+
     try:
-        data = yaml.safe_load(text)
+        data = _parse_yaml(yaml, text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -588,6 +589,18 @@ def read_recipe_data(path: Path, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a YAML mapping with at least name: and model:, got {type(data).__name__}")
     return data
+
+
+def _parse_yaml(yaml: Any, text: str) -> Any:
+    """yaml.safe_load, by libyaml's parser where PyYAML has it (four times sooner: `recipes` reads every
+    built-in recipe). A document it refuses is parsed again by PyYAML's own, whose error is the one reported."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        try:
+            return yaml.load(text, Loader=fast)  # noqa: S506 - a safe loader
+        except yaml.YAMLError:
+            pass
+    return yaml.safe_load(text)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from typing import Any, Optional
-
-import yaml
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Optional
 
 from mistral_deploy.errors import RecipeError
 from mistral_deploy.gateway import (PRIVATE_IP_PLACEHOLDER, UPSTREAM_TIMEOUT_SECONDS, GatewayLayout, listen_host_for,
                                     render_gateway_config, render_keys_map)
-from mistral_deploy.recipe import BUILTIN_MODEL_PREFIX, Recipe
 from mistral_deploy.templates import render_template, template_text
+
+if TYPE_CHECKING:  # the local backend's `logs` and `status` import this module: no pydantic or yaml on import
+    import yaml
+
+    from mistral_deploy.recipe import Recipe
 
 GATEWAY_IMAGE = "nginx:1.28.0-alpine"
 # The SHA-256 of each API key, `ID:HASH ...`: the VM never receives a key (gateway.hashes_secret).
@@ -277,6 +280,8 @@ def _weights_pattern(recipe: Recipe) -> str:
 
 def from_hub(recipe: Recipe) -> bool:
     """The VM downloads the weights from the Hugging Face Hub (not a built-in model, a bucket, or a path)."""
+    from mistral_deploy.recipe import BUILTIN_MODEL_PREFIX
+
     return not (recipe.model.source or recipe.model.id.startswith(("/", ".", "~", BUILTIN_MODEL_PREFIX)))
 
 
@@ -420,17 +425,24 @@ def admit_load_balancer(task_config: dict[str, Any], addresses: list[str]) -> di
     return task_config
 
 
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
 def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
     style = "|" if "\n" in data else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
-_Dumper.add_representer(str, _str_representer)
+@lru_cache(maxsize=1)
+def _dumper() -> type[yaml.SafeDumper]:
+    import yaml
+
+    # libyaml's emitter where PyYAML has it: the same text, ten times sooner than the pure-Python one
+    class Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+        pass
+
+    Dumper.add_representer(str, _str_representer)
+    return Dumper
 
 
 def dump_yaml(data: dict[str, Any]) -> str:
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+    import yaml
+
+    return yaml.dump(data, Dumper=_dumper(), sort_keys=False, default_flow_style=False, width=100)

@@ -13,12 +13,3 @@ def schema() -> None:
 
     Output().json(json_schema())
 
-
-@app.command("exit-codes")
-def exit_codes() -> None:
-    """List the exit codes every command uses."""
-    from mistral_deploy.errors import EXIT_CODES
-
-    out = Output()
-    for code, meaning in sorted(EXIT_CODES.items()):
-        out.data(f"{code:>3}  {meaning}")

@@ -9,6 +9,12 @@ The command does not inherit `run`'s environment, which holds the cloud credenti
 GOOGLE_*, AZURE_*, HF_TOKEN, GITHUB_TOKEN, ...). It gets a small base set (the shell's basics, the locale,
 the Python environment, CI's and GitHub Actions' non-secret description of the run: BASE_ENV), the
 endpoint's variables (client_env), and the variables the user names with `--pass-env`: see command_env.
+
+A private cloud endpoint (network mode private) listens on the VM's loopback only: `up` reaches it over an
+SSH tunnel of its own, closed when `up` returns. `run` opens one for the command (the backend's
+open_tunnel, as `mistral-deploy tunnel` does), checks through it that the endpoint answers an
+authenticated one-token request before the command starts, hands the command the tunnel's URL, and closes
+it once the command has ended, before the teardown: see _reachable.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated, Any, Iterable, Mapping, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator, Mapping, Optional
 
 import typer
 
@@ -29,12 +36,20 @@ from mistral_deploy.cli._options import (
 )
 from mistral_deploy.cli._output import Output
 
+if TYPE_CHECKING:
+    from mistral_deploy.recipe import Recipe
+    from mistral_deploy.state import Deployment, StateStore
+
 # What a cloud endpoint of `run` lives at most, unless --ttl says otherwise: a CI job's endpoint with room to
 # spare (GitHub's own job limit is 6 hours, most evaluation jobs take minutes).
 DEFAULT_RUN_TTL = "2h"
 
 # How long the command gets to exit after it was forwarded SIGTERM/SIGINT, before SIGKILL.
 COMMAND_GRACE_SECONDS = 10.0
+
+# How long a private endpoint gets to answer through run's own tunnel: `up` has just found it ready, so this
+# covers the SSH connection and a slow first request, not the engine starting.
+TUNNEL_READY_SECONDS = 60.0
 
 # What the command inherits without being asked: nothing that is a credential. CI's variables are named one
 # by one (a prefix such as GITHUB_* or CI_* would take GITHUB_TOKEN, GitLab's CI_JOB_TOKEN, ...); of GitHub's
@@ -134,6 +149,9 @@ def run(
     GITHUB_* and RUNNER_* variables, ...), and what --pass-env names: AWS_*, GOOGLE_*, AZURE_*, HF_TOKEN,
     GITHUB_TOKEN and the rest only that way (--pass-env '*' passes everything).
 
+    A private cloud endpoint (network mode private) is reached over an SSH tunnel that `run` holds open
+    while COMMAND runs: OPENAI_BASE_URL is http(s)://127.0.0.1:PORT/v1, the tunnel's port.
+
     Interrupted (Ctrl-C, SIGTERM) while the command runs: the signal is forwarded to it, and `run` exits
     with its code (128+N if signal N ended it). If the endpoint cannot be brought up, exits with
     mistral-deploy's own code (see `exit-codes`: 3-9), or 130 when interrupted before the command started.
@@ -187,9 +205,11 @@ def run(
             finally:
                 progress.close()
             result.update(summary(deployment), up_seconds=round(time.monotonic() - started, 2))
-            env = command_env(os.environ, client_env(deployment, store), passed)
-            code = _run_command(command, env, stdout=sys.stderr if json_out else None)
-            result["exit_code"] = code
+            with _reachable(backend, deployment, r, store, out) as endpoint:
+                result["endpoint"] = endpoint  # a private endpoint: the tunnel the command uses
+                env = command_env(os.environ, client_env(deployment, store), passed)
+                code = _run_command(command, env, stdout=sys.stderr if json_out else None)
+                result["exit_code"] = code
         finally:
             from mistral_deploy.processes import signals_ignored
 
@@ -200,6 +220,60 @@ def run(
     if result["teardown"].startswith("failed"):
         raise MistralDeployError(f"run: {result['teardown']}", hint=f"`mistral-deploy down {r.name}` again")
     raise typer.Exit(code)
+
+
+@contextmanager
+def _reachable(backend: Any, deployment: "Deployment", recipe: "Recipe", store: "StateStore",
+               out: Output) -> Iterator[Optional[str]]:
+    """While open, the deployment's endpoint answers from this machine; yields its URL.
+
+    A private cloud endpoint needs an SSH tunnel for that (up's own is closed): one is opened on the port
+    `up` recorded, or on a free one when that is taken, and the record then names the tunnel's port, so
+    that the URL the command gets, and `mistral-deploy env`/`status` run from the command, are the tunnel's.
+    It must answer an authenticated one-token request through the tunnel before the command starts
+    (NotReadyError, exit 8, if the tunnel cannot be opened or the endpoint does not answer). The tunnel is
+    closed when the block ends, however it ends. Any other endpoint is reachable as it is."""
+    open_tunnel = getattr(backend, "open_tunnel", None)
+    if recipe.network.mode != "private" or deployment.backend != "cloud" or open_tunnel is None:
+        yield deployment.endpoint
+        return
+    from urllib.parse import urlsplit
+
+    from mistral_deploy import probe
+    from mistral_deploy.errors import MistralDeployError, NotReadyError
+    from mistral_deploy.processes import signals_ignored
+    from mistral_deploy.skysdk import free_port, port_open
+
+    name = deployment.name
+    port = deployment.details.get("tunnel_port")
+    if not port or port_open("127.0.0.1", int(port)):
+        port = free_port()  # taken (another process, another `mistral-deploy tunnel`): a port of our own
+    try:
+        tunnel = open_tunnel(deployment, local_port=int(port))
+    except MistralDeployError as exc:
+        raise NotReadyError(f"run: no SSH tunnel to {name}'s private endpoint: {exc.message}") from None
+    try:
+        scheme = urlsplit(deployment.endpoint or "http://").scheme or "http"
+        endpoint = f"{scheme}://127.0.0.1:{tunnel.local_port}/v1"
+        key = next(iter(store.read_keys(name).values()), "")
+        try:
+            probe.wait_ready(endpoint, key, recipe.served_model_name, ca_file=deployment.tls_ca,
+                             timeout=TUNNEL_READY_SECONDS, interval=min(recipe.health.probe_interval, 1.0),
+                             alive=tunnel.alive, task=probe.probe_task(recipe))
+        except NotReadyError as exc:
+            why = "the SSH tunnel ended" if not tunnel.alive() else exc.message
+            raise NotReadyError(f"run: {name}'s private endpoint did not answer through the SSH tunnel: {why}") \
+                from None
+        if endpoint != deployment.endpoint:
+            deployment.endpoint = endpoint
+            deployment.details["tunnel_port"] = tunnel.local_port
+            store.save(deployment)
+        yield endpoint
+        if not tunnel.alive():
+            out.warn(f"run: the SSH tunnel to {name} ended while the command ran")
+    finally:
+        with signals_ignored():  # closed before the teardown, whatever ended the block
+            tunnel.close()
 
 
 def _run_command(command: list[str], env: dict[str, str], *, stdout: Any) -> int:

@@ -90,6 +90,8 @@ def format_duration(seconds: int) -> str:
 
 
 class _Spec(BaseModel):
+    # Empty defaults come from lambdas, not `list` or `dict`: pydantic reads a default factory's signature,
+    # and a builtin's is parsed with the tokenizer (milliseconds of every command that loads a recipe).
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
@@ -174,7 +176,7 @@ class ModelSpec(_Spec):
     max_model_len: Optional[int] = Field(None, ge=16)
     hf_token: bool = Field(False, description="the model is gated: pass HF_TOKEN as a secret at launch")
     task: Literal["generate", "embed"] = "generate"
-    vllm_args: list[str] = Field(default_factory=list, description="extra vLLM engine arguments")
+    vllm_args: list[str] = Field(default_factory=lambda: [], description="extra vLLM engine arguments")
     architecture: Optional[Architecture] = None
 
     @field_validator("served_name")
@@ -215,7 +217,7 @@ class ModelSpec(_Spec):
 class EngineSpec(_Spec):
     image: str = DEFAULT_VLLM_IMAGE
     gpu_memory_utilization: float = Field(0.9, gt=0.1, le=0.98)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=lambda: {})
 
     @field_validator("image")
     @classmethod
@@ -279,7 +281,7 @@ class ResourcesSpec(_Spec):
                                 "of preference, for SkyPilot to fail over between them")
     region: Optional[PerCloud] = Field(None, description="a region, or one per cloud: {aws: us-east-1, gcp: ...}")
     gpu: Annotated[list[GpuRequest], BeforeValidator(_parse_gpus), WithJsonSchema(_GPUS_JSON_SCHEMA)] = Field(
-        default_factory=list, description="NAME:COUNT, or a list of candidates in order of preference"
+        default_factory=lambda: [], description="NAME:COUNT, or a list of candidates in order of preference"
     )
     spot: bool = False
     spot_fallback: bool = Field(True, description="fall back to on-demand when spot is unavailable")

@@ -128,6 +128,7 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
         # room for a chunked body's framing: a body within the cap never spills to a file gateway.js cannot read
         body_buffer_size=body_bytes(recipe.network.max_body_size) + 65536,
         unauthenticated_per_minute=UNAUTHENTICATED_PER_MINUTE,
+        health_cache_zone="md_health_" + hashlib.sha256(layout.temp_dir.encode()).hexdigest()[:8],
         unauthenticated_burst=UNAUTHENTICATED_BURST,
         routes=routes_for(recipe),
         upstream_timeout=UPSTREAM_TIMEOUT_SECONDS,

@@ -322,7 +322,9 @@ class NetworkSpec(_Spec):
     port: int = Field(8443, ge=1, le=65535, description="the gateway port, the only one that listens")
     tls: Optional[bool] = Field(None, description="default: on for public endpoints")
     vpc_name: Optional[PerCloud] = Field(None, description="vpc mode: the VPC, or one per cloud")
-    max_body_size: str = Field("4m", pattern=r"^[0-9]+[kKmM]?$")
+    max_body_size: str = Field("1m", pattern=r"^[0-9]+[kKmM]?$",
+                               description="largest request body (413 past it); the gateway checks each body in "
+                                           "memory, about 4 times its size while the request lasts")
 
     @model_validator(mode="before")
     @classmethod
@@ -353,6 +355,8 @@ class LimitsSpec(_Spec):
                                              "worker_connections; its file-descriptor limit follows)")
     header_timeout: Duration = Field(10, le=300, description="time a client has to send a request's headers")
     body_timeout: Duration = Field(30, le=600, description="longest pause while a client sends a body")
+    body_total_timeout: Duration = Field(60, le=3600, description="longest a client may take to send a whole "
+                                                                  "request body (refused with 408 past it)")
     requests_per_minute: int = Field(1200, ge=1, le=1000000, description="per API key")
     concurrent_requests: int = Field(64, ge=1, le=100000, description="requests in flight per API key")
     max_n: int = Field(4, ge=1, le=128, description="completions per request (n, best_of)")

@@ -54,6 +54,27 @@ NO_ADDRESS_YET = "192.0.2.1"
 LOG_MAX_SIZE, LOG_FILES = "50m", 3
 
 
+def uses_mistral_tokenizer(vllm_args: list[str]) -> bool:
+    """--tokenizer-mode mistral: mistral_common's chat format, which takes no chat template."""
+    for i, arg in enumerate(vllm_args):
+        if arg == "--tokenizer-mode" and i + 1 < len(vllm_args):
+            value = vllm_args[i + 1]
+        elif arg.startswith("--tokenizer-mode="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if value == "mistral":
+            return True
+    return False
+
+
+def guardrail_chat_template() -> str:
+    """templates/guardrail_chat_template.jinja on one line (its lines are whole Jinja tags)."""
+    from mistral_deploy.templates import template_text
+
+    return "".join(line.strip() for line in template_text("guardrail_chat_template.jinja").splitlines())
+
+
 def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bool = False,
                 tensor_parallel: bool = True) -> list[str]:
     """The vLLM server's arguments, shared by the local backend and the VM. Never a secret.
@@ -91,6 +112,10 @@ def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bo
         args += ["--load-format", STREAMED_LOAD_FORMAT]
         user_args = without_flags(user_args, _FORMAT_FLAGS)
     args += user_args
+    if recipe.guardrail and m.task == "generate" and not uses_mistral_tokenizer(user_args):
+        # a model's own Hugging Face template may drop a leading system message (Mistral v0.3's unless the
+        # last turn is the user's) or refuse it (v0.2's): ours keeps the guardrail first in every prompt
+        args += ["--chat-template", guardrail_chat_template()]
     # The engine's own output cap (limits.max_tokens): requests that give no max_tokens get it, larger
     # ones are clamped (the gateway refuses them before they arrive). Merged into the recipe's own
     # --override-generation-config, if it has one.

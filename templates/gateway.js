@@ -299,7 +299,10 @@ function checkBody(r) {
     r.internalRedirect('@engine');
 }
 
-// /v1/models: the engine names the model's local folder in `root`; the client gets the served name there.
+// /v1/models: the engine names the model's local folder (or bucket) in `root`; the client gets the served
+// name there. A regular expression, not JSON.parse: this is the route the gateway serves fastest.
+var ROOT_RE = /"root":"(?:[^"\\]|\\.)*"/g;
+
 function modelsHeaders(r) {
     delete r.headersOut['Content-Length'];
 }
@@ -308,25 +311,9 @@ var modelsText = '';  // per request: each request runs in a VM of its own
 
 function modelsBody(r, data, flags) {
     modelsText += data;
-    if (!flags.last) {
-        return;
+    if (flags.last) {
+        r.sendBuffer(modelsText.replace(ROOT_RE, '"root":' + JSON.stringify(r.variables.md_served_model)), flags);
     }
-    var text = modelsText;
-    try {
-        var listing = JSON.parse(text);
-        if (listing && Array.isArray(listing.data)) {
-            for (var i = 0; i < listing.data.length; i++) {
-                var model = listing.data[i];
-                if (model && typeof model === 'object' && model.root !== undefined) {
-                    model.root = model.id;
-                }
-            }
-            text = JSON.stringify(listing);
-        }
-    } catch (e) {
-        text = '{"error":{"message":"the engine\'s model list could not be read","type":"unavailable","code":502}}';
-    }
-    r.sendBuffer(text, flags);
 }
 
 export default {keyHash, checkBody, unauthorized, notFound, modelsHeaders, modelsBody};

@@ -148,3 +148,16 @@ def test_one_key_over_its_rate_gets_429_with_retry_after_the_other_does_not(limi
     assert len(refused) >= 15 and all(h.get("Retry-After") == "1" for h in refused)
     assert all(status in (200, 429) for status, _ in statuses)
     assert _request(limited, "127.0.0.60", other)[0] == 200
+
+
+def test_requests_without_a_valid_key_are_limited_per_address_the_machine_itself_is_not(limited):
+    """Over 200 at once (then 20 a second) without a valid key from one address: 429 with Retry-After; a
+    key holder from another address is served; 127.0.0.1 (the machine's own probes, an SSH tunnel) is
+    not counted."""
+    key = _keys(limited)[1]
+    flood = [_request(limited, "127.0.0.41", "md-wrong-key-00000000000000000000") for _ in range(300)]
+    codes = [status for status, _ in flood]
+    assert codes[0] == 401 and set(codes) == {401, 429}, set(codes)
+    assert all("Retry-After" in headers for status, headers in flood if status == 429)
+    assert _request(limited, "127.0.0.42", key)[0] == 200
+    assert {_request(limited, "127.0.0.1", "md-wrong-key-00000000000000000000")[0] for _ in range(300)} == {401}

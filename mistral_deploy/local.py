@@ -483,7 +483,7 @@ class LocalBackend:
             "endpoint": deployment.endpoint,
             "ip": ip,
             "network": mode,
-            "model": deployment.recipe_model().served_model_name,
+            "model": deployment.served_model_name,
             "engine_running": engine_up,
             "gateway_running": gateway_up,
             "engine_pid": (details.get("engine") or {}).get("pid"),

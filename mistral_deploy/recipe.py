@@ -583,7 +583,9 @@ def read_recipe_data(path: Path, source: str) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{source}: cannot read the recipe: {exc}") from None
-    import yaml  # here: `schema`, and the deployments' own records, need no YAML
+    from mistral_deploy.yaml_lib import import_yaml  # here: `schema`, and the deployments' records, need no YAML
+
+    yaml = import_yaml()
 
     try:
         data = _parse_yaml(yaml, text)

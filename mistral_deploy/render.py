@@ -457,7 +457,9 @@ def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
 
 @lru_cache(maxsize=1)
 def _dumper() -> type[yaml.SafeDumper]:
-    import yaml
+    from mistral_deploy.yaml_lib import import_yaml
+
+    yaml = import_yaml()
 
     # libyaml's emitter where PyYAML has it: the same text, ten times sooner than the pure-Python one
     class Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
@@ -468,6 +470,8 @@ def _dumper() -> type[yaml.SafeDumper]:
 
 
 def dump_yaml(data: dict[str, Any]) -> str:
-    import yaml
+    from mistral_deploy.yaml_lib import import_yaml
+
+    yaml = import_yaml()
 
     return yaml.dump(data, Dumper=_dumper(), sort_keys=False, default_flow_style=False, width=100)

@@ -53,6 +53,12 @@ class Deployment:
 
         return Recipe.model_validate(self.recipe)
 
+    @property
+    def served_model_name(self) -> str:
+        """The recorded recipe's Recipe.served_model_name (its model.served_name, or its name), read from the
+        record as it is, without importing and running the recipe's validation for one field."""
+        return (self.recipe.get("model") or {}).get("served_name") or self.recipe["name"]
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

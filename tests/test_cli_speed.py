@@ -78,11 +78,12 @@ def test_help_does_not_even_import_pydantic() -> None:
 
 
 @pytest.mark.parametrize("argv", [["exit-codes"], ["env", "{d}"], ["keys", "list", "{d}"], ["logs", "{d}"],
-                                  ["status"]], ids=lambda argv: " ".join(argv))
+                                  ["status"], ["status", "{d}"]], ids=lambda argv: " ".join(argv))
 def test_commands_without_a_recipe_import_no_recipe_library(argv: list[str], local_deployment: str,
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Typer's parameters are coerced without pydantic (PlainCoercion); the local backend's modules import
-    the recipe model, YAML and templates only where they use them. `status` with no deployment, too."""
+    the recipe model, YAML and templates only where they use them. `status` with no deployment, too, and
+    a local deployment's `status` reads its served model name from the record (Deployment.served_model_name)."""
     if argv == ["status"]:
         monkeypatch.setenv("MISTRAL_DEPLOY_HOME", str(tmp_path / "empty"))
     argv = [a.format(d=local_deployment) for a in argv]
@@ -227,3 +228,66 @@ def test_compiled_templates_are_cached_and_a_broken_cache_is_skipped(tmp_path: P
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     assert compile_with(templates._bytecode_cache(str(not_a_folder))).name == "reload.sh.j2"  # no cache, no error
+
+
+# --- the end of a read-only command, and PyYAML's import -------------------------------------------------
+
+_CONSOLE = """
+import atexit, sys
+sys.argv = ["mistral-deploy", *sys.argv[1:]]
+if "--with-atexit" in sys.argv:
+    sys.argv.remove("--with-atexit")
+    atexit.register(lambda: print("atexit ran", flush=True))
+class Teardown:
+    def __del__(self):
+        print("torn down", flush=True)
+keep = Teardown()  # finalized by the interpreter's teardown, never by os._exit
+from mistral_deploy.cli import main
+main()
+"""
+
+
+def _console(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _CONSOLE, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_read_only_command_ends_without_the_teardown_and_keeps_its_output_and_code(tmp_path: Path) -> None:
+    """The console script ends a READ_ONLY command with os._exit once its output is flushed: what it
+    printed, and its exit code, are the same."""
+    proc = _console("exit-codes")
+    assert proc.returncode == 0 and "torn down" not in proc.stdout
+    assert proc.stdout.strip() and proc.stdout == _console("exit-codes", "--with-atexit").stdout.replace(
+        "atexit ran\n", "").replace("torn down\n", "")
+    proc = _console("validate", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 3 and "recipe file not found" in proc.stderr and "torn down" not in proc.stdout
+
+
+def test_the_teardown_runs_where_something_waits_for_it() -> None:
+    """An atexit function registered, or a command that is not READ_ONLY: the interpreter's usual exit."""
+    proc = _console("exit-codes", "--with-atexit")
+    assert proc.returncode == 0 and "atexit ran" in proc.stdout and "torn down" in proc.stdout
+    proc = _console("keys", "--help")
+    assert proc.returncode == 0 and "torn down" in proc.stdout
+
+
+def test_yaml_reader_pattern_is_compiled_on_first_use() -> None:
+    code = """
+import re, sys
+from mistral_deploy.yaml_lib import NON_PRINTABLE, LazyPattern, import_yaml
+yaml = import_yaml()
+assert isinstance(yaml.reader.Reader.NON_PRINTABLE, LazyPattern)
+assert not any(isinstance(v, LazyPattern) for v in list(re._cache.values()) + list(getattr(re, "_cache2", {}).values()))
+assert yaml.safe_load("a: [1, 2]") == {"a": [1, 2]}  # the pure-Python reader, which uses the pattern
+try:
+    yaml.safe_load("a: \x01")
+except yaml.reader.ReaderError as exc:
+    assert "#x0001" in str(exc)
+else:
+    raise AssertionError("a non-printable character was accepted")
+assert yaml.reader.Reader.NON_PRINTABLE.pattern == NON_PRINTABLE
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    import yaml  # the pattern, as PyYAML's own source writes it
+
+    assert yaml.reader.Reader.NON_PRINTABLE.pattern == __import__("mistral_deploy.yaml_lib").yaml_lib.NON_PRINTABLE

@@ -49,3 +49,15 @@ def test_api_keys_are_0600_and_not_in_the_record(tmp_path):
     assert stat.S_IMODE(os.stat(store.dir("d") / "api_keys").st_mode) == 0o600
     assert "md-secret" not in (store.dir("d") / "deployment.json").read_text()
     assert store.read_api_keys("d") == ["md-secret-key-0123456789abcdef"]
+
+
+def test_the_served_model_name_read_from_the_record_is_the_recipes():
+    """Deployment.served_model_name (no validation) is what the validated recipe says: its model.served_name,
+    or its name."""
+    from mistral_deploy.recipe import Overrides, load_recipe
+
+    for ref, overrides in (("tiny-mistral", Overrides(cloud="local")), ("mistral-7b", Overrides(name="other")),
+                           ("mistral-7b", Overrides(model="mistralai/Mistral-7B-v0.3"))):
+        recipe = load_recipe(ref, overrides).recipe
+        deployment = Deployment(name=recipe.name, backend="local", recipe=recipe.to_yaml_config())
+        assert deployment.served_model_name == deployment.recipe_model().served_model_name == recipe.served_model_name

@@ -145,4 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"set {DEBUG_ENV}=1 to see where it came from", file=sys.stderr)
         code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if argv is None:  # the console script: no teardown of every module loaded, where nothing needs it
+        _startup.exit_now(code, args)
+    sys.exit(code)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, NoReturn
@@ -47,6 +46,8 @@ class Output:
         sys.stdout.flush()
 
     def json(self, obj: Any) -> None:
+        import json
+
         self.data(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
     def print(self, *objects: Any, **kwargs: Any) -> None:

@@ -45,13 +45,20 @@ async def _one_connection(open_: Opener, request: bytes, deadline: float, counts
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             status = head[9:12]
-            length, close = 0, False
+            length, close, chunked = 0, False, False
             for line in head.lower().split(b"\r\n"):
                 if line.startswith(b"content-length:"):
                     length = int(line[15:])
                 elif line.startswith(b"connection:") and b"close" in line:
                     close = True  # the server ends keep-alive after so many requests (nginx: 1000)
-            await reader.readexactly(length)
+                elif line.startswith(b"transfer-encoding:") and b"chunked" in line:
+                    chunked = True  # the gateway's /v1/models (its body rewritten: no length known up front)
+            if chunked:
+                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                    await reader.readexactly(size + 2)
+                await reader.readuntil(b"\r\n")
+            else:
+                await reader.readexactly(length)
             counts[0 if status == b"200" else 1] += 1
             if close:
                 writer.close()

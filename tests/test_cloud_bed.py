@@ -190,8 +190,7 @@ def test_private_endpoint_lifecycle_on_slurm(testbed: Bed, bed_client: BedClient
     # the TTL: SkyPilot tears the cluster down by itself. (Its autodown on Slurm signals the batch script
     # and the job's steps at once; the allocation can end, killing the run script, before the script's
     # trap has removed the containers. A VM goes with its containers; here bed.clean() removes them. The
-    # trap itself is tested after `down`, which signals the steps first and waits:
-    # test_changes_apply_in_place_on_the_running_cluster.)
+    # trap itself is tested where the run script alone is signalled: test_cloud_bed_vm.py, vm.cancel().)
     wait_until("the TTL's autodown", lambda: f"md-{name}" not in bed_client.clusters(), timeout=420, every=10)
     wait_until("the Slurm job's end", lambda: testbed.slurm_jobs() == [], timeout=60, every=2)
     gone = json.loads(bed_client.cli("status", name, "--json").stdout)
@@ -460,5 +459,8 @@ def test_changes_apply_in_place_on_the_running_cluster(testbed: Bed, bed_client:
     down = bed_client.cli("down", name)
     assert down.returncode == 0, down.stderr
     assert bed_client.clusters() == []
-    wait_until("the containers' removal", lambda: testbed.containers() == [], timeout=60, every=2)
+    # `down` on Slurm can end the allocation before the run script's trap has removed the containers (seen in
+    # full runs, not alone), as the TTL's autodown can: a VM goes with its containers. The trap is tested in
+    # test_cloud_bed_vm.py (vm.cancel()); here the job must end.
+    wait_until("the Slurm job's end", lambda: testbed.slurm_jobs() == [], timeout=60, every=2)
     testbed.clean()

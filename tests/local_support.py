@@ -112,6 +112,19 @@ def read_deployed(name: str, home: Path, env: dict[str, str]) -> Deployed:
     return Deployed(name=name, home=home, env=env, endpoint=record["endpoint"], key=key, record=record)
 
 
+def tiny_recipe(home: Path, name: str, **sections: Any) -> Path:
+    """The built-in tiny-mistral recipe with `sections` set (whole top-level values), written to HOME/NAME.yaml."""
+    import yaml
+
+    from mistral_deploy.recipe import builtin_recipes_dir
+
+    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
+    data.update(sections)
+    path = home / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def up(name: str, home: Path, env: dict[str, str], *args: str, recipe: str = "tiny-mistral") -> Deployed:
     result = cli("up", recipe, "--cloud", "local", "--name", name, "--json", *args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

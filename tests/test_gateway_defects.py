@@ -20,7 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from local_support import Deployed, cli, cli_env, down_and_assert_gone, free_port, up, with_group_members
+from local_support import (Deployed, cli, cli_env, down_and_assert_gone, free_port, tiny_recipe, up,
+                           with_group_members)
 from mistral_deploy.gateway import GUARDRAIL_PROMPTS
 from mistral_deploy.recipe import builtin_recipes_dir
 
@@ -32,13 +33,10 @@ BODY_TOTAL = 4  # seconds: limits.body_total_timeout of the endpoint under test
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Deployed]:
     home = tmp_path_factory.mktemp("defects")
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data["network"] = {"mode": "private", "port": free_port()}
-    data["guardrail"] = "mistral"
-    data["limits"] = {"body_total_timeout": f"{BODY_TOTAL}s", "body_timeout": "10s"}
-    data["model"]["vllm_args"] = list(data["model"].get("vllm_args") or []) + ["--enable-log-requests"]
-    recipe = home / "defects.yaml"
-    recipe.write_text(yaml.safe_dump(data))
+    model = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())["model"]
+    model["vllm_args"] = list(model.get("vllm_args") or []) + ["--enable-log-requests"]  # shows `seed`
+    recipe = tiny_recipe(home, "defects", network={"mode": "private", "port": free_port()}, guardrail="mistral",
+                         limits={"body_total_timeout": f"{BODY_TOTAL}s", "body_timeout": "10s"}, model=model)
     deployed = up("defects", home, cli_env(home, models_dir), recipe=str(recipe))
     try:
         yield deployed

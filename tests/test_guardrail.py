@@ -13,12 +13,10 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-import yaml
 from openai import OpenAI, PermissionDeniedError, BadRequestError
 
-from local_support import Deployed, cli, cli_env, down_and_assert_gone, free_port, up
+from local_support import Deployed, cli, cli_env, down_and_assert_gone, free_port, tiny_recipe, up
 from mistral_deploy.gateway import GUARDRAIL_PROMPTS
-from mistral_deploy.recipe import builtin_recipes_dir
 
 pytestmark = pytest.mark.engine
 GUARDRAIL = GUARDRAIL_PROMPTS["mistral"]
@@ -27,11 +25,7 @@ GUARDRAIL = GUARDRAIL_PROMPTS["mistral"]
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Deployed]:
     home = tmp_path_factory.mktemp("guardrail")
-    data = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())
-    data["network"] = {"mode": "private", "port": free_port()}
-    data["guardrail"] = "mistral"
-    recipe = home / "guarded.yaml"
-    recipe.write_text(yaml.safe_dump(data))
+    recipe = tiny_recipe(home, "guarded", network={"mode": "private", "port": free_port()}, guardrail="mistral")
     deployed = up("guarded", home, cli_env(home, models_dir), recipe=str(recipe))
     try:
         yield deployed

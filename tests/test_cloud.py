@@ -19,7 +19,8 @@ import pytest
 
 from cloud_support import HF, FakeSky, VmEndpoint, fake, probe_key_of, vm  # noqa: F401  (fixtures)
 from mistral_deploy import skysdk
-from mistral_deploy.cloud import CloudBackend, ServeBackend, backend_for_kind
+from mistral_deploy.cloud import CloudBackend, backend_for_kind
+from mistral_deploy.serve import ServeBackend
 from mistral_deploy.errors import CloudError, MistralDeployError, NotReadyError, RecipeError
 from mistral_deploy.recipe import Overrides, Recipe, load_recipe, validate_recipe_data
 from mistral_deploy.gateway import key_hash

@@ -464,8 +464,9 @@ class CloudBackend(_CloudBase):
         if plan.needs("ttl") or not ends_at:
             ends_at = _ends_at(recipe)
         left = None if ends_at is None else max(60, math.ceil(ends_at - time.time()))
+        # on the same cluster: no TTL must cancel the autodown it may have (SkyPilot keeps it otherwise)
         task_config = render_task(pinned_to_commit(recipe, deployment).model_copy(
-            update={"lifetime": LifetimeSpec(ttl=left)}))
+            update={"lifetime": LifetimeSpec(ttl=left)}), cancel_autostop=True)
         keys = store.read_keys(deployment.name)
         secrets = {KEY_HASHES_SECRET: hashes_secret(hashes_for(keys))}
         if not job_ended:

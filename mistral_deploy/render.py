@@ -202,7 +202,7 @@ def vm_gateway_layout(recipe: Recipe) -> GatewayLayout:
     )
 
 
-def _resources(recipe: Recipe) -> dict[str, Any]:
+def _resources(recipe: Recipe, *, cancel_autostop: bool = False) -> dict[str, Any]:
     res = recipe.resources
     out: dict[str, Any] = {}
     infras = [_infra(res.region_for(cloud), cloud) for cloud in res.clouds]
@@ -221,6 +221,10 @@ def _resources(recipe: Recipe) -> dict[str, Any]:
             "down": True,
             "wait_for": "none",
         }
+    elif cancel_autostop:
+        # A task launched again on a cluster that exists: without `autostop`, SkyPilot sets the cluster's
+        # previous autostop again (sky/execution.py); `false` cancels it, so a TTL removed stays removed.
+        out["autostop"] = False
     choices: list[dict[str, Any]] = []
     # A task falls back from spot to on-demand through ordered choices; a service cannot mix them
     # (SkyServe wants all spot or none) and falls back through its replica policy instead.
@@ -413,14 +417,16 @@ def _service(recipe: Recipe) -> dict[str, Any]:
     return service
 
 
-def render_task(recipe: Recipe) -> dict[str, Any]:
-    """The SkyPilot task config for a recipe; with `replicas:` it carries a `service:` section."""
+def render_task(recipe: Recipe, *, cancel_autostop: bool = False) -> dict[str, Any]:
+    """The SkyPilot task config for a recipe; with `replicas:` it carries a `service:` section.
+    cancel_autostop: the task is launched again on a cluster that exists; without a TTL it says
+    `autostop: false`, cancelling whatever autodown the cluster had."""
     if recipe.is_local:
         raise RecipeError(
             "resources.cloud: 'local' runs without SkyPilot and renders no task; "
             "use `mistral-deploy up --cloud local`, or render for a cloud (--cloud aws)"
         )
-    task: dict[str, Any] = {"name": recipe.name, "resources": _resources(recipe)}
+    task: dict[str, Any] = {"name": recipe.name, "resources": _resources(recipe, cancel_autostop=cancel_autostop)}
     envs: dict[str, Optional[str]] = dict(sorted(recipe.engine.env.items()))
     if recipe.replicas is not None:
         envs[LOAD_BALANCER_ENV] = None  # the load balancer's address, given at `up` (SkyPilot requires it)

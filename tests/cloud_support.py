@@ -298,6 +298,7 @@ class FakeSky:
         self._record("launch", task_config=task_config, cluster_name=cluster_name, secrets=dict(secrets),
                      global_config=global_config)
         self.tasks[cluster_name] = task
+        before = self.clusters.get(cluster_name)  # a launch on a cluster that exists
         self.clusters[cluster_name] = ClusterInfo(name=cluster_name, status="INIT")
         for line in self.launch_lines:
             on_line(line)
@@ -306,13 +307,19 @@ class FakeSky:
                 self.launch_raises()
         self._configure_keys(secrets)
         spot = any(r.use_spot for r in task.resources)
-        autostop = [r.autostop_config for r in task.resources if r.autostop_config is not None]
+        # as sky/execution.py sets it: the task's autostop; `autostop: false` cancels it; none on a cluster
+        # that exists keeps the cluster's previous one (SkyPilot sets it again from its record)
+        autostop = next((r.autostop_config for r in task.resources if r.autostop_config is not None), None)
+        if autostop is not None:
+            minutes, down = (autostop.idle_minutes, autostop.down) if autostop.enabled else (-1, False)
+        elif before is not None:
+            minutes, down = before.autostop_minutes, before.autodown
+        else:
+            minutes, down = -1, False
         info = ClusterInfo(
             name=cluster_name, status="UP", head_ip=self.vm.host, internal_ip=self.vm.host, cloud=self.cloud,
             region=self.region, zone=f"{self.region}a", instance_type=self.instance_type, use_spot=spot,
-            accelerators="{'A10G': 1}",
-            autostop_minutes=autostop[0].idle_minutes if autostop else -1,
-            autodown=bool(autostop and autostop[0].down),
+            accelerators="{'A10G': 1}", autostop_minutes=minutes, autodown=down,
         )
         self.clusters[cluster_name] = info
         self._jobs += 1
@@ -325,7 +332,8 @@ class FakeSky:
         self._record("autostop", cluster_name=cluster_name, minutes=minutes)
         import dataclasses
 
-        self.clusters[cluster_name] = dataclasses.replace(self.clusters[cluster_name], autostop_minutes=minutes or -1)
+        self.clusters[cluster_name] = dataclasses.replace(self.clusters[cluster_name], autostop_minutes=minutes or -1,
+                                                          autodown=minutes is not None)
 
     def run_on_head(self, cluster_name: str, script: str, *, timeout: float = 300.0) -> str:
         """What SSH would run on the VM: the script must be valid bash; the gateway's new key map (hashes,

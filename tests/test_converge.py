@@ -280,6 +280,66 @@ def test_ttl_sets_the_end_from_now_and_status_shows_time_left_and_cost(cloud: Fa
     assert run_cli("ttl", "mistral-7b-instruct", "soon").exit_code == 3
 
 
+def test_an_engine_restart_without_a_ttl_cancels_the_clusters_autodown(cloud: FakeSky, tmp_path: Path) -> None:
+    """An engine restart launches the task again on the same cluster. A task without `autostop` leaves the
+    cluster's autodown as it was (SkyPilot sets it again: sky/execution.py, as the stand-in does), so
+    without a TTL the task says `autostop: false`, which SkyPilot reads as "cancel it"."""
+    cluster = "md-mistral-7b-instruct"
+    flag = ["--max-num-seqs", "64"]
+
+    def relaunched(asked: Recipe) -> dict[str, Any]:
+        cloud.calls.clear()
+        assert _up(_write(tmp_path, asked))["plan"]["effect"] == "engine-restart"
+        launch = next(c for c in cloud.calls if c.method == "launch")
+        assert launch.args["cluster_name"] == cluster and "--max-num-seqs" in launch.args["task_config"]["run"]
+        return launch.args["task_config"]["resources"]
+
+    # the TTL removed in the same `up` as a vLLM flag change
+    _up(_write(tmp_path, _recipe(lifetime={"ttl": "2h"})))
+    assert (cloud.clusters[cluster].autostop_minutes, cloud.clusters[cluster].autodown) == (120, True)
+    base = _recipe().model.vllm_args
+    resources = relaunched(_recipe(model={"vllm_args": [*base, *flag]}))
+    assert (cloud.clusters[cluster].autostop_minutes, cloud.clusters[cluster].autodown) == (-1, False)
+    assert resources.get("autostop") is False
+    # SkyPilot's own reading of it: autostop explicitly disabled
+    task = cloud.tasks[cluster]
+    assert [r.autostop_config.enabled for r in task.resources] == [False] * len(task.resources)
+    status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
+    assert status["autostop_minutes"] == -1 and status["time_left_seconds"] is None
+
+    # `ttl NAME none`, then an engine change: the relaunch says so too
+    assert run_cli("ttl", "mistral-7b-instruct", "2h").exit_code == 0
+    assert run_cli("ttl", "mistral-7b-instruct", "none").exit_code == 0
+    resources = relaunched(_recipe(model={"vllm_args": [*base, *flag, "--max-num-batched-tokens", "4096"]}))
+    assert resources.get("autostop") is False and cloud.clusters[cluster].autostop_minutes == -1
+
+    # a TTL that stays keeps its end time (the minutes left), as before
+    _up(_write(tmp_path, _recipe(lifetime={"ttl": "2h"}, model={"vllm_args": [*base, *flag]})))
+    resources = relaunched(_recipe(lifetime={"ttl": "2h"}, model={"vllm_args": [*base, *flag, "--seed", "1"]}))
+    assert resources["autostop"]["down"] is True and 118 <= resources["autostop"]["idle_minutes"] <= 120
+
+
+def test_a_task_that_cancels_autostop_is_valid_for_skypilot() -> None:
+    """`autostop: false` as SkyPilot's own Task and Resources read it: autostop disabled, and written back as
+    `false` (what the SDK sends to the API server)."""
+    import sky
+
+    from mistral_deploy.render import render_task
+
+    fresh = render_task(_recipe())
+    assert "autostop" not in fresh["resources"]  # a new cluster has nothing to cancel
+    config = render_task(_recipe(), cancel_autostop=True)
+    assert config["resources"]["autostop"] is False
+    config["secrets"] = {k: "x" for k in config["secrets"]}
+    task = sky.Task.from_yaml_config(config)
+    for resources in task.resources:
+        assert resources.autostop_config is not None and resources.autostop_config.enabled is False
+        assert resources.to_yaml_config()["autostop"] is False
+    # a TTL wins over the cancel
+    ttl = render_task(_recipe(lifetime={"ttl": "1h"}), cancel_autostop=True)
+    assert ttl["resources"]["autostop"] == {"idle_minutes": 60, "down": True, "wait_for": "none"}
+
+
 def test_ttl_of_a_local_deployment_is_refused_by_name(tmp_path: Path) -> None:
     from mistral_deploy.state import Deployment
 

@@ -554,14 +554,24 @@ class CloudBackend(_CloudBase):
             self._until_ready(recipe, staged, staging, result.cluster, result.job_id, hf_token,
                               next(iter(keys.values())), phase, held)
         except BaseException as exc:
-            # the old cluster still serves: the new one goes, the record stays as it was
-            with contextlib.suppress(MistralDeployError):
+            # the old cluster still serves: the new one goes, the record stays as it was. A new cluster that
+            # could not be removed stays in the record (`status` names it, `down` removes it): a GPU VM that
+            # nothing tracks would run, and cost, until someone notices.
+            left = None
+            try:
                 sdk.down(new_cluster)
-            details.pop("next_cluster", None)
+            except MistralDeployError as down_failed:
+                left = down_failed.message
+            else:
+                details.pop("next_cluster", None)
             with contextlib.suppress(MistralDeployError):
                 store.save(deployment)
             if isinstance(exc, MistralDeployError):
                 exc.hint = f"{deployment.name} still serves from {old_cluster}, unchanged"
+                if left:
+                    exc.hint += (f"; the new cluster {new_cluster} could not be removed ({left}) and may still run: "
+                                 f"`mistral-deploy down {deployment.name}` removes it with the deployment, "
+                                 f"or `sky down {new_cluster}`")
             raise
         finally:
             _close(held)
@@ -689,7 +699,8 @@ class CloudBackend(_CloudBase):
             progress.phase("teardown", f"sky down {cluster}")
             self.sdk.down(cluster)
         store.remove(deployment.name)
-        progress.done(f"{deployment.name}: cluster {cluster} removed" if cluster else f"{deployment.name} removed")
+        also = f" (and {following})" if following else ""
+        progress.done(f"{deployment.name}: cluster {cluster}{also} removed" if cluster else f"{deployment.name} removed")
 
     def status(self, deployment: Deployment) -> dict[str, Any]:
         details = deployment.details
@@ -751,7 +762,29 @@ class CloudBackend(_CloudBase):
         }
         if problem or deployment.phase == "failed":
             row["error"] = problem or details.get("error")
+        leftover = self._leftover_cluster(deployment)
+        if leftover:
+            row["next_cluster"] = details["next_cluster"]
+            row["warning"] = leftover
         return row
+
+    def _leftover_cluster(self, deployment: Deployment) -> Optional[str]:
+        """What to say about a new cluster from a move that failed or was interrupted (`next_cluster`), while
+        SkyPilot still has it; None once it is gone."""
+        following = deployment.details.get("next_cluster")
+        if not following:
+            return None
+        try:
+            info = self.sdk.cluster(following)
+        except CloudError:
+            state = "may still run (SkyPilot cannot tell now)"
+        else:
+            if info is None:
+                return None
+            state = f"is {info.status}"
+        return (f"cluster {following}, from a move to a new cluster that failed or was interrupted, {state} and "
+                f"costs while it runs: `mistral-deploy down {deployment.name}` removes it with the deployment, "
+                f"or `sky down {following}`")
 
     def _job_ended(self, cluster_name: str, job_id: Optional[int]) -> bool:
         try:

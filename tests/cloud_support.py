@@ -275,6 +275,7 @@ class FakeSky:
         self.controller_host: Optional[str] = None  # SkyServe controller already up at this address
         self.serve_host = "127.0.0.1"
         self.price = 1.006
+        self.down_fails: dict[str, str] = {}  # cluster -> why SkyPilot cannot remove it (yet)
         self.gpus_offered: Optional[dict[str, dict[str, list[int]]]] = None  # cloud -> GPU -> counts
         self.tunnels: list[Tunnel] = []
         self._real = skysdk.SkySdk()
@@ -359,6 +360,8 @@ class FakeSky:
 
     def down(self, cluster_name: str) -> None:
         self._record("down", cluster_name=cluster_name)
+        if cluster_name in self.down_fails:
+            raise skysdk.CloudError(self.down_fails[cluster_name])
         self.clusters.pop(cluster_name, None)
 
     def tail_job(self, cluster_name: str, job_id: Optional[int], *, follow: bool, lines: int = 0,

@@ -234,6 +234,51 @@ def test_a_failed_move_keeps_the_old_cluster_serving(cloud: FakeSky, tmp_path: P
     assert "md-mistral-7b-instruct-2" not in cloud.clusters
 
 
+def test_a_failed_move_whose_new_cluster_cannot_be_removed_stays_tracked(cloud: FakeSky, tmp_path: Path) -> None:
+    """The new cluster of a failed move is removed; where SkyPilot cannot remove it, the record keeps it
+    (`next_cluster`) until it is gone: `status` says so and `down` removes it."""
+    from sky import exceptions as sx
+
+    _up(_write(tmp_path, _recipe()))
+    old, new = "md-mistral-7b-instruct", "md-mistral-7b-instruct-2"
+
+    def refuse() -> None:
+        raise sx.ResourcesUnavailableError("Failed to provision all possible launchable resources.")
+
+    cloud.launch_raises = refuse  # after SkyPilot made the cluster (the stand-in records it first)
+    cloud.down_fails[new] = "down: the cloud's API timed out"
+    os.environ[HF_TOKEN_SECRET] = HF
+    result = run_cli("up", _write(tmp_path, _recipe(resources={"gpu": "L4"})))
+    assert result.exit_code == 9 and "still serves from md-mistral-7b-instruct, unchanged" in result.stderr
+    record = StateStore().load("mistral-7b-instruct")
+    assert record.details["cluster"] == old and record.phase == "ready"
+    assert new in cloud.clusters and record.details.get("next_cluster") == new
+    assert f"{new} could not be removed" in result.stderr and f"sky down {new}" in result.stderr
+
+    status = json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
+    assert status["healthy"] is True and status["next_cluster"] == new and new in status["warning"]
+    table = run_cli("status")
+    assert f"cluster {new}, from a move" in " ".join(table.stderr.split())
+
+    # `down` goes on failing while the cloud cannot remove it: the record stays
+    down = run_cli("down", "mistral-7b-instruct")
+    assert down.exit_code == 1 and "API timed out" in down.stderr and "Traceback" not in down.stderr
+    assert StateStore().load("mistral-7b-instruct").details["next_cluster"] == new
+    del cloud.down_fails[new]
+    down = run_cli("down", "mistral-7b-instruct")
+    assert down.exit_code == 0, down.stderr
+    assert StateStore().list() == [] and old not in cloud.clusters and new not in cloud.clusters
+
+    # a move whose new cluster was removed leaves nothing behind, and status says nothing of it
+    cloud.launch_raises = None
+    _up(_write(tmp_path, _recipe()))
+    cloud.launch_raises = refuse
+    os.environ[HF_TOKEN_SECRET] = HF
+    assert run_cli("up", _write(tmp_path, _recipe(resources={"gpu": "L4"}))).exit_code == 9
+    assert "next_cluster" not in StateStore().load("mistral-7b-instruct").details
+    assert "warning" not in json.loads(run_cli("status", "mistral-7b-instruct", "--json").stdout)
+
+
 def test_keys_add_and_revoke_reach_the_vms_gateway(cloud: FakeSky, tmp_path: Path) -> None:
     import httpx
 

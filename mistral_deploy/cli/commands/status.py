@@ -62,6 +62,10 @@ def status(
         table.add_row(row["name"], row["backend"], row["phase"], "yes" if row["healthy"] else "no",
                       row.get("endpoint") or "-", row.get("ip") or "-", ends, cost)
     out.print(table)
+    from rich.markup import escape
+
     for row in rows:
         if row.get("error"):
             out.info(f"{row['name']}: {row['error']}")
+        if row.get("warning"):
+            out.warn(escape(f"{row['name']}: {row['warning']}"))

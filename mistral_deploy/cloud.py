@@ -871,6 +871,9 @@ def _ready_message(deployment: Deployment) -> str:
     price = d.get("hourly_price")
     # infrastructure without a price list (Slurm, Kubernetes) reports 0: say nothing rather than $0.00
     cost = f", ${price:.2f}/hour" if isinstance(price, (int, float)) and price > 0 else ""
+    if cost and deployment.backend == "serve":
+        # one SkyServe controller serves all of a user's services: `status` shows it once, apart
+        cost += " for its replicas (the SkyServe controller it shares: `mistral-deploy status`)"
     text = f"{deployment.name} is ready at {deployment.endpoint}{where}{cost}"
     if d.get("network") == "private":
         text += f"; reach it with `mistral-deploy tunnel {deployment.name}`"

@@ -75,13 +75,39 @@ class Change:
         return {"field": self.field, "from": self.before, "to": self.after, "effect": self.effect}
 
 
+@dataclass(frozen=True)
+class ServeController:
+    """SkyServe's controller, as it weighs on a service's price. One controller VM serves every service of a
+    user, so a service's price counts its replicas only and the controller is shown apart, once, with the
+    number of services recorded here that share it; in consolidation mode it runs inside SkyPilot's API
+    server and there is no VM to pay for."""
+
+    price: Optional[float]  # $/hour of its VM; None: no VM (consolidated), or no price known
+    consolidated: bool
+    services: int  # services recorded here that share it (other services of the same user share it too)
+
+    def line(self) -> str:
+        if self.consolidated:
+            return ("SkyServe controller: no VM of its own (serve.controller.consolidation_mode: it runs in "
+                    "SkyPilot's API server), nothing to add")
+        price = f"{_price(self.price)} for its VM" if self.price is not None else "its VM's price unknown"
+        shared = f"{self.services} service{'s' if self.services != 1 else ''} recorded here"
+        return (f"SkyServe controller: {price}, once for all your services ({shared}); "
+                f"not in a service's price")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"price_per_hour": self.price, "consolidation_mode": self.consolidated,
+                "services_recorded": self.services, "in_service_price": False}
+
+
 @dataclass
 class Plan:
     name: str
     backend: str
     changes: list[Change] = field(default_factory=list)
-    price_before: Optional[float] = None  # $/hour
+    price_before: Optional[float] = None  # $/hour; a service: its replicas only
     price_after: Optional[float] = None
+    controller: Optional[ServeController] = None  # a service: SkyServe's controller, apart
 
     @property
     def effect(self) -> Optional[str]:
@@ -101,6 +127,7 @@ class Plan:
             "effect": self.effect,
             "changes": [c.to_json() for c in self.changes],
             "price_per_hour": {"before": self.price_before, "after": self.price_after},
+            "serve_controller": self.controller.to_json() if self.controller else None,
         }
 
     def lines(self) -> list[str]:
@@ -116,6 +143,8 @@ class Plan:
         out.append(f"apply: {WHAT_IT_COSTS[self.effect or 'record']}")
         if self.price_before is not None or self.price_after is not None:
             out.append(f"price: {_price(self.price_before)} -> {_price(self.price_after)}")
+        if self.controller is not None:
+            out.append(f"+ {self.controller.line()}")
         return out
 
 
@@ -188,10 +217,8 @@ def diff(recorded: "Recipe", asked: "Recipe", backend: str) -> Plan:
     return Plan(name=recorded.name, backend=backend, changes=changes)
 
 
-def estimate_price(recipe: "Recipe") -> Optional[float]:
-    """$/hour of the cheapest offer for the recipe's first GPU on its clouds (SkyPilot's catalog), or None
-    when that cannot be told here (no catalog, a cloud without prices). A service: every replica (its
-    minimum, at least one) plus the VM SkyServe's controller runs on."""
+def _cheapest_offer(recipe: "Recipe") -> Any:
+    """The cheapest offer for the recipe's first GPU on its priced clouds (SkyPilot's catalog), or None."""
     if recipe.is_local or not recipe.resources.gpu:
         return None
     try:
@@ -204,10 +231,29 @@ def estimate_price(recipe: "Recipe") -> Optional[float]:
         best = pricing.cheapest_first(offers, spot=recipe.resources.spot)
     except Exception:  # noqa: BLE001 - a price is informative only
         return None
-    if not best:
+    return best[0] if best else None
+
+
+def estimate_price(recipe: "Recipe") -> Optional[float]:
+    """$/hour of the cheapest offer for the recipe's first GPU on its clouds (SkyPilot's catalog), or None
+    when that cannot be told here (no catalog, a cloud without prices). A service: every replica (its
+    minimum, at least one); SkyServe's controller VM is shared by all of a user's services, so it is not in
+    here but apart (serve_controller)."""
+    best = _cheapest_offer(recipe)
+    if best is None:
         return None
-    if recipe.replicas is None:
-        return round(best[0].hourly(spot=recipe.resources.spot), 4)
-    # a service: its replicas (at least one, once a request wakes it) and SkyServe's controller VM
-    controller = pricing.controller_price(best[0].cloud, best[0].region) or 0.0
-    return round(best[0].hourly(spot=recipe.resources.spot) * max(1, recipe.replicas.min) + controller, 4)
+    replicas = 1 if recipe.replicas is None else max(1, recipe.replicas.min)  # a request wakes one from zero
+    return round(best.hourly(spot=recipe.resources.spot) * replicas, 4)
+
+
+def serve_controller(recipe: "Recipe", services: int) -> ServeController:
+    """SkyServe's controller for a service of this recipe: no VM in consolidation mode; else the VM SkyPilot
+    would start for it, priced where the service's cheapest replica runs (SkyPilot puts the controller on
+    one of the task's clouds). `services`: how many services recorded here share it."""
+    from mistral_deploy import pricing
+
+    if pricing.serve_consolidation_mode():
+        return ServeController(price=None, consolidated=True, services=services)
+    best = _cheapest_offer(recipe)
+    price = pricing.controller_price(best.cloud, best.region) if best is not None else None
+    return ServeController(price=None if price is None else round(price, 4), consolidated=False, services=services)

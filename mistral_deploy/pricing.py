@@ -202,6 +202,20 @@ def offers_for(resources: Any, gpus: list[GpuRequest], clouds: list[str]) -> lis
     return [o for c in clouds for o in find_offers(gpus, [c], resources.region_for(c))]
 
 
+def serve_consolidation_mode() -> bool:
+    """SkyServe's consolidation mode (SkyPilot config `serve.controller.consolidation_mode: true`): the
+    controller runs inside SkyPilot's API server, with no VM of its own. Read by SkyPilot's own config reader,
+    as this machine's SkyPilot config says it (a remote API server's own config cannot be seen from here).
+    It imports `sky`: only the commands that price a service call it (`plan`, `up`, `status`)."""
+    try:
+        from sky import skypilot_config
+
+        skypilot_config.reload_config()  # what the config files say now, not when `sky` was first imported
+        return skypilot_config.get_nested(("serve", "controller", "consolidation_mode"), False) is True
+    except Exception:  # noqa: BLE001 - a price is informative only: then the controller VM is counted
+        return False
+
+
 def controller_price(cloud: str, region: Optional[str] = None) -> Optional[float]:
     """$/hour of the VM SkyServe's controller runs on (its CONTROLLER_RESOURCES: CPUs and memory): the
     cloud's default instance type for them in SkyPilot's catalog; None where the catalog cannot tell."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from _catalog import sky_session  # noqa: F401  (fixture)
 from _cli import run_cli
 from cloud_support import HF, FakeSky, VmEndpoint, fake, vm  # noqa: F401  (fixtures)
 from mistral_deploy.converge import diff, flatten
@@ -435,6 +436,44 @@ def test_a_service_update_keeps_its_certificate_and_the_load_balancer(cloud: Fak
     task = update.args["task_config"]
     assert task["service"]["tls"]["certfile"].endswith("service-tls/cert.pem")
     assert task["envs"]["MISTRAL_DEPLOY_LOAD_BALANCER"] == StateStore().load("mistral-7b-instruct").details["load_balancer"]
+
+
+def test_services_share_one_controller_counted_once(cloud: FakeSky, tmp_path: Path, sky_session: Any) -> None:
+    """Two services on one user's SkyServe controller: each one's price is its replicas'; the controller's VM
+    is shown once, apart, as shared by both (SkyPilot's catalog, the seeded fixture)."""
+    from mistral_deploy import pricing
+
+    where = {"cloud": "gcp", "gpu": "L4", "region": "us-central1"}
+    service = {"replicas": {"min": 1}, "network": {"allow": ["0.0.0.0/0", "::/0"]}, "resources": where}
+    from mistral_deploy.recipe import GpuRequest
+
+    replica = pricing.cheapest_first(pricing.find_offers([GpuRequest(name="L4", count=1)], ["gcp"], "us-central1"),
+                                     spot=False)[0].price
+    controller = pricing.controller_price("gcp", "us-central1")
+    assert controller is not None
+    dry = json.loads(run_cli("up", _write(tmp_path, _recipe(name="svc-a", **service)), "--dry-run", "--json").stdout)
+    assert dry["price_per_hour"]["after"] == pytest.approx(replica, abs=1e-4)  # one L4 VM, not the controller's
+    assert dry["serve_controller"]["price_per_hour"] == pytest.approx(controller)
+    first = run_cli("up", _write(tmp_path, _recipe(name="svc-a", **service)))
+    assert first.exit_code == 0, first.stderr
+    assert f"${replica:.2f}/hour for its replicas (the SkyServe controller" in " ".join(first.stderr.split())
+    _up(_write(tmp_path, _recipe(name="svc-b", **service)))
+    for name in ("svc-a", "svc-b"):
+        assert StateStore().load(name).details["hourly_price"] == pytest.approx(replica, abs=1e-4)
+
+    rows = json.loads(run_cli("status", "--json").stdout)["deployments"]
+    assert [r["serve_controller"] for r in rows] == [{"price_per_hour": pytest.approx(controller),
+                                                      "consolidation_mode": False, "services_recorded": 2,
+                                                      "in_service_price": False}] * 2
+    assert [r["hourly_price"] for r in rows] == [pytest.approx(replica, abs=1e-4)] * 2
+    table = run_cli("status")
+    assert " ".join(table.stderr.split()).count("SkyServe controller:") == 1
+    assert "(2 services recorded here)" in " ".join(table.stderr.split())
+    # a change to one: its price after is its replicas', the controller apart
+    plan = json.loads(run_cli("up", _write(tmp_path, _recipe(name="svc-a", model={"max_model_len": 4096}, **service)),
+                              "--dry-run", "--json").stdout)
+    assert plan["price_per_hour"]["after"] == pytest.approx(replica, abs=1e-4)
+    assert plan["serve_controller"]["services_recorded"] == 2
 
 
 def test_up_launches_a_vanished_cluster_again_with_the_same_keys(cloud: FakeSky, tmp_path: Path) -> None:

@@ -229,7 +229,10 @@ def test_missing_catalog_online_is_fetched_once_and_recorded_as_skypilot_does(mo
     assert [p for p in served if "vms.csv" in p] == [f"/catalog/{CATALOG_VERSION}/aws/vms.csv"]  # once
 
 
-def test_a_service_is_priced_with_every_replica_and_its_controller(sky_session: Any) -> None:
+def test_a_service_is_priced_by_its_replicas_and_the_shared_controller_apart(sky_session: Any,
+                                                                             tmp_path: Path) -> None:
+    """One SkyServe controller VM serves all of a user's services: a service's price counts its replicas, and
+    the controller is shown apart, once; in consolidation mode there is no controller VM to count."""
     from mistral_deploy import pricing
     from mistral_deploy.converge import estimate_price
     from mistral_deploy.recipe import Overrides, load_recipe, validate_recipe_data
@@ -243,11 +246,40 @@ def test_a_service_is_priced_with_every_replica_and_its_controller(sky_session: 
     cpu_vms = [r for r in _rows("gcp") if r["InstanceType"] and float(r["vCPUs"]) >= 4 and float(r["MemoryGiB"]) >= 8
                and not r["AcceleratorName"]]
     assert cpu_vms
-    controller = pricing.controller_price("gcp", "us-central1")
-    assert controller is not None and controller in {float(r["Price"]) for r in cpu_vms}
-    assert estimate_price(service) == pytest.approx(3 * vm_price + controller, abs=1e-4)
+    controller_vm = pricing.controller_price("gcp", "us-central1")
+    assert controller_vm is not None and controller_vm in {float(r["Price"]) for r in cpu_vms}
+    assert estimate_price(service) == pytest.approx(3 * vm_price, abs=1e-4)  # the replicas, not the controller
     single = load_recipe("mistral-7b-instruct", where).recipe
-    assert estimate_price(single) == pytest.approx(vm_price, abs=1e-4)  # one VM: no controller
+    assert estimate_price(single) == pytest.approx(vm_price, abs=1e-4)
+    from mistral_deploy.converge import serve_controller
+
+    controller = serve_controller(service, services=2)
+    assert controller.price == pytest.approx(controller_vm, abs=1e-4) and controller.consolidated is False
+    assert "once for all your services (2 services recorded here); not in a service's price" in controller.line()
+
+    path = tmp_path / "service.yaml"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    plan = _plan_json(str(path))
+    assert plan["serve_controller"] == {"price_per_hour": pytest.approx(controller_vm, abs=1e-4),
+                                        "consolidation_mode": False, "services_recorded": 1,
+                                        "in_service_price": False}
+    cheapest = plan["offers"][0]
+    assert cheapest["monthly"] == pytest.approx(cheapest["price_per_hour"] * HOURS_PER_MONTH * 3, abs=0.01)
+    text = run_cli("plan", str(path))
+    assert text.exit_code == 0 and "+ SkyServe controller: $" in text.stdout
+
+    # consolidation mode (SkyPilot's config, as SkyPilot reads it): the controller runs in the API server
+    config = Path(os.environ["HOME"]) / ".sky" / "config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("serve:\n  controller:\n    consolidation_mode: true\n", encoding="utf-8")
+    try:
+        consolidated = serve_controller(service, services=2)
+        assert consolidated.consolidated is True and consolidated.price is None
+        assert "no VM of its own" in consolidated.line()
+        assert _plan_json(str(path))["serve_controller"]["consolidation_mode"] is True
+    finally:
+        config.unlink()
+        assert pricing.serve_consolidation_mode() is False  # and SkyPilot's loaded config is this one again
 
 
 def test_plan_estimates_dollars_per_million_tokens_and_shows_the_quantized_variants(sky_session: Any) -> None:

@@ -92,6 +92,13 @@ def summary(deployment: "Deployment") -> dict[str, Any]:
     }
 
 
+def services_recorded(store: "StateStore", including: "str | None" = None) -> int:
+    """SkyServe services recorded here (and `including`, a service about to be): they share one SkyServe
+    controller (converge.ServeController)."""
+    names = {d.name for d in store.list() if d.backend == "serve"}
+    return len(names | {including}) if including else len(names)
+
+
 def usage_lines(deployment: "Deployment") -> list[str]:
     model = deployment.recipe_model().served_model_name
     cacert = ' --cacert "$MISTRAL_DEPLOY_CA_FILE"' if deployment.tls_ca else ""

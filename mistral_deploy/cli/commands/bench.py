@@ -75,8 +75,9 @@ def bench(
             recorded = deployment.details.get("hourly_price")
             if isinstance(recorded, (int, float)) and recorded > 0:  # a cloud's (Slurm, local: none)
                 hourly_price = float(recorded)
-                what = ("replicas.min replicas and the SkyServe controller's VM; replicas autoscaled under load "
-                        "are not counted" if deployment.backend == "serve" else "the VM")
+                what = ("replicas.min replicas; replicas autoscaled under load are not counted, nor the SkyServe "
+                        "controller's VM, shared by all your services (`mistral-deploy status` shows it)"
+                        if deployment.backend == "serve" else "the VM")
                 price_source = f"{name}'s price at launch ({what}; SkyPilot's catalog)"
     else:
         base_url = url or os.environ.get(BASE_URL_ENV, "")

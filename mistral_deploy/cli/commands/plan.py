@@ -14,6 +14,7 @@ from mistral_deploy.cli._options import Cloud, Gpu, RecipeArg, Region, Spot, loa
 from mistral_deploy.cli._output import Output
 
 if TYPE_CHECKING:
+    from mistral_deploy.converge import ServeController
     from mistral_deploy.fit import FitEstimate
     from mistral_deploy.pricing import Offer
     from mistral_deploy.recipe import GpuRequest, Recipe
@@ -81,6 +82,7 @@ def plan(
 
     ceilings = {str(g): decode_ceiling(r, g) for g in candidates}
     variants = _variants(r, clouds, use_spot) if loaded.source.startswith("built-in") else []
+    controller = _serve_controller(r, offers[0]) if r.replicas is not None else None
     if json_out:
         out.json({
             "recipe": r.name,
@@ -97,9 +99,12 @@ def plan(
             "throughput_estimate": {"output_tokens_per_s_ceiling": {g: _round(t) for g, t in ceilings.items()},
                                     "source": ESTIMATE_SOURCE},
             "variants": variants,
+            "serve_controller": controller.to_json() if controller else None,
         })
         return
     _print_plan(out, r, loaded.source, estimates, offers, use_spot=use_spot, replicas=replicas, ceilings=ceilings)
+    if controller is not None:
+        out.data(f"+ {controller.line()}")
     if variants:
         _print_variants(out, r.name, variants)
     out.info(f"$/Mtok out (floor): the offer's price over the most output tokens/s its GPUs can decode "
@@ -113,6 +118,21 @@ def plan(
 VARIANTS: tuple[tuple[str, ...], ...] = (
     ("mistral-7b-instruct", "mistral-7b-instruct-awq", "mistral-7b-instruct-gptq"),
 )
+
+
+def _serve_controller(recipe: "Recipe", cheapest: "Offer") -> "ServeController":
+    """SkyServe's controller for a service of this recipe, priced where its cheapest offer is: shared by every
+    service, so not in the offers' prices (nor their $/Mtok)."""
+    from mistral_deploy import pricing
+    from mistral_deploy.converge import ServeController
+    from mistral_deploy.cli.commands._lifecycle import services_recorded
+    from mistral_deploy.state import StateStore
+
+    services = services_recorded(StateStore(), including=recipe.name)
+    if pricing.serve_consolidation_mode():
+        return ServeController(price=None, consolidated=True, services=services)
+    price = pricing.controller_price(cheapest.cloud, cheapest.region)
+    return ServeController(price=None if price is None else round(price, 4), consolidated=False, services=services)
 
 
 def _round(value: "float | None", digits: int = 3) -> "float | None":

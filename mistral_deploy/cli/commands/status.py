@@ -39,6 +39,18 @@ def status(
             raise MistralDeployError(f"{rows[0]['name']} has no IP address yet (phase {rows[0]['phase']})")
         out.data(str(rows[0]["ip"]))
         return
+    services = [(d, row) for d, row in zip(deployments, rows) if d.backend == "serve"]
+    controller = None
+    if services:
+        # one SkyServe controller for all of a user's services: shown once, apart; each service's price is
+        # its replicas'
+        from mistral_deploy.cli.commands._lifecycle import services_recorded
+        from mistral_deploy.converge import serve_controller
+
+        controller = serve_controller(services[0][0].recipe_model(), services_recorded(store))
+        for deployment, row in services:
+            row.setdefault("hourly_price", deployment.details.get("hourly_price"))
+            row["serve_controller"] = controller.to_json()
     if json_out:
         out.json(rows[0] if name else {"deployments": rows})
         return
@@ -69,3 +81,5 @@ def status(
             out.info(f"{row['name']}: {row['error']}")
         if row.get("warning"):
             out.warn(escape(f"{row['name']}: {row['warning']}"))
+    if controller is not None:
+        out.info(escape(controller.line()))

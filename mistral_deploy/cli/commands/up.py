@@ -69,7 +69,7 @@ def up(
         commit = source_commit(asked, existing.details.get("model_commit") if same else None, say=out.warn)
     if existing is None:
         if dry_run:
-            _report_creation(out, asked, json_out)
+            _report_creation(out, asked, store, json_out)
             return
         _create(out, asked, store, json_out, commit=commit)
     else:
@@ -88,19 +88,24 @@ def _record_commit(store: "StateStore", deployment: "Deployment", commit: "str |
     store.save(deployment)
 
 
-def _report_creation(out: Output, recipe: "Recipe", json_out: bool) -> None:
+def _report_creation(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool) -> None:
     from mistral_deploy.backends import backend_for_recipe
-    from mistral_deploy.converge import estimate_price
+    from mistral_deploy.cli.commands._lifecycle import services_recorded
+    from mistral_deploy.converge import estimate_price, serve_controller
 
-    price = estimate_price(recipe)
+    price = estimate_price(recipe)  # a service: its replicas; the controller it shares is apart
     kind = backend_for_recipe(recipe).kind
+    controller = serve_controller(recipe, services_recorded(store, including=recipe.name)) if kind == "serve" else None
     if json_out:
         out.json({"name": recipe.name, "backend": kind, "changed": True, "effect": "create", "changes": [],
-                  "price_per_hour": {"before": None, "after": price}, "dry_run": True})
+                  "price_per_hour": {"before": None, "after": price},
+                  "serve_controller": controller.to_json() if controller else None, "dry_run": True})
         return
     where = "on this machine" if recipe.is_local else "as a SkyServe service" if kind == "serve" else "on a new cluster"
-    cost = f", about ${price:.2f}/hour" if price else ""
-    out.data(f"{recipe.name}: would be created {where}{cost}")
+    cost = ""
+    if price:
+        cost = f", about ${price:.2f}/hour" + (" for its replicas" if controller else "")
+    out.data(f"{recipe.name}: would be created {where}{cost}" + (f"\n+ {controller.line()}" if controller else ""))
 
 
 def _create(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool, *, commit: "str | None") -> None:
@@ -124,8 +129,8 @@ def _create(out: Output, recipe: "Recipe", store: "StateStore", json_out: bool, 
 def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "StateStore", *, dry_run: bool,
               json_out: bool, commit: "str | None" = None) -> None:
     from mistral_deploy.backends import backend_named
-    from mistral_deploy.cli.commands._lifecycle import sigterm_as_interrupt, summary, usage_lines
-    from mistral_deploy.converge import diff, estimate_price
+    from mistral_deploy.cli.commands._lifecycle import services_recorded, sigterm_as_interrupt, summary, usage_lines
+    from mistral_deploy.converge import diff, estimate_price, serve_controller
     from mistral_deploy.errors import DeploymentExists, MistralDeployError
     from mistral_deploy.progress import Progress
 
@@ -139,6 +144,8 @@ def _converge(out: Output, existing: "Deployment", asked: "Recipe", store: "Stat
         plan.price_before = existing.details.get("hourly_price")
         moves = plan.needs("new-cluster") or plan.needs("service-update")
         plan.price_after = estimate_price(asked) if moves else plan.price_before
+        if moves and existing.backend == "serve":
+            plan.controller = serve_controller(asked, services_recorded(store))
         backend = backend_named(existing.backend)
         if dry_run:
             repair = None

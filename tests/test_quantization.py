@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import subprocess
 import typing
+from typing import Any
 
 import pytest
 
 from mistral_deploy import engine
 from mistral_deploy.errors import FitError
 from mistral_deploy.fit import GIB, KNOWN_ARCHITECTURES, check_fit, weights_bytes
-from mistral_deploy.recipe import Overrides, QuantizationMethod, load_recipe, validate_recipe_data
+from mistral_deploy.recipe import (Overrides, QuantizationMethod, builtin_recipes_dir, load_recipe,
+                                   validate_recipe_data)
 
 # Mistral 7B (v0.1/v0.2 instruct): config.json
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 32, 8, 128, 32000
@@ -105,3 +107,63 @@ def test_the_recipe_accepts_exactly_the_pinned_vllms_quantizations() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert engine.engine_version(engine.engine_python()) == engine.VLLM_VERSION
     assert sorted(done.stdout.split()) == sorted(typing.get_args(QuantizationMethod))
+
+
+# What the pinned vLLM selects for the built-in quantized recipes on a T4, asked of vLLM's own selection code:
+# the platform is made to say CUDA at compute capability 7.5 (this build runs on a CPU; no kernel runs here).
+_T4_SELECTION = """
+import json, torch
+from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+from vllm.model_executor.layers.quantization.utils.marlin_utils import check_marlin_supported
+from vllm.platforms import PlatformEnum, current_platform
+from vllm.platforms.interface import DeviceCapability
+
+current_platform._enum = PlatformEnum.CUDA
+current_platform.get_device_capability = lambda device_id=0: DeviceCapability(7, 5)
+checkpoints = {  # as TheBloke's checkpoints' quantize_config.json describe them (GPTQ: group size 128, sym)
+    "awq": (AutoAWQConfig, {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}),
+    "gptq": (AutoGPTQConfig, {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                              "sym": True}),
+}
+out = {}
+for name, (cls, hf) in checkpoints.items():
+    config = cls.from_config(hf)
+    zp = name == "awq"
+    layer = MPLinearLayerConfig(full_weight_shape=(4096, 14336), partition_weight_shape=(4096, 14336),
+                                weight_type=config.quant_type, act_type=torch.float16, group_size=128,
+                                zero_points=zp)
+    out[name] = {
+        "method": cls.override_quantization_method(hf, name),
+        "min_capability": cls.get_min_capability(),
+        "marlin": {cc: check_marlin_supported(config.quant_type, 128, zp, cc) for cc in (70, 75)},
+        "kernel": choose_mp_linear_kernel(layer, compute_capability=75).__name__,
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def t4_selection() -> dict[str, Any]:
+    import json
+
+    done = subprocess.run([engine.engine_python(), "-c", _T4_SELECTION], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", ["awq", "gptq"])
+def test_the_quantized_recipes_say_what_the_pinned_vllm_runs_on_a_t4(name: str, t4_selection: dict[str, Any]) -> None:
+    """Marlin needs compute capability 7.5 (marlin_utils.py): a T4 (7.5) runs the AWQ and GPTQ recipes on
+    Marlin's kernels, and the recipes' comments say so."""
+    selected = t4_selection[name]
+    assert selected["method"] == f"auto_{name}" and selected["min_capability"] <= 75
+    assert selected["marlin"] == {"70": False, "75": True}
+    assert selected["kernel"] == "MarlinLinearKernel"
+    assert load_recipe(f"mistral-7b-instruct-{name}").recipe.model.dtype == "float16"  # no bf16 below 8.0
+    text = (builtin_recipes_dir() / f"mistral-7b-instruct-{name}.yaml").read_text(encoding="utf-8")
+    comment = next(line for line in text.splitlines() if line.strip().startswith("quantization:"))
+    assert "Marlin" in comment and "not Marlin" not in comment, comment

@@ -5,12 +5,15 @@ Two levels:
   own list (tests/test_skypilot_validation.py checks it against sky.utils.registry.CLOUD_REGISTRY);
 - what a recipe needs of each cloud it names, asked of SkyPilot's own code through skysdk, in-process and
   without its API server (called by `up` before the deployment is recorded): the features (opened ports,
-  spot, autodown) and the GPUs its catalog offers.
+  spot, autodown) and the GPUs its catalog offers; and, from SkyPilot's config module (sky.skypilot_config,
+  read as SkyPilot reads it), the Azure identity an az:// bucket needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fnmatch
 from typing import TYPE_CHECKING
 
 from mistral_deploy.errors import CloudError, RecipeError
@@ -41,7 +44,9 @@ def canonical_cloud(name: str) -> str:
 
 def check_launchable(recipe: "Recipe", sdk: "SkySdk") -> None:
     """Refuse, in one line and before anything exists, what no cloud the recipe names can do: open the
-    gateway's port (public and vpc modes), spot instances, tearing itself down (TTL)."""
+    gateway's port (public and vpc modes), spot instances, tearing itself down (TTL); and an az:// bucket
+    with no identity to read it."""
+    check_bucket_identity(recipe)
     clouds = recipe.resources.clouds
     if not clouds:
         return  # any enabled cloud: SkyPilot's optimizer chooses
@@ -89,3 +94,46 @@ def check_gpus_offered(recipe: "Recipe", sdk: "SkySdk") -> None:
         parts.append(f"{cloud} offers {listed or 'no GPU in its catalog'}")
     raise CloudError(f"resources.gpu: {' and '.join(clouds)} offer{'s' if len(clouds) == 1 else ''} none of "
                      f"{wanted}; {'; '.join(parts)}; pick one with --gpu")
+
+
+# SkyPilot's values of azure.remote_identity that name no identity of the user's (schemas.RemoteIdentityOptions):
+# with any of them an Azure VM gets SkyPilot's own managed identity, made per cluster with Contributor on the
+# cluster's resource group (sky/provision/azure/azure-config-template.json), which cannot read a blob.
+_NO_AZURE_IDENTITY = ("LOCAL_CREDENTIALS", "SERVICE_ACCOUNT", "NO_UPLOAD")
+AZURE_IDENTITY_SETTING = ("azure: {remote_identity: /subscriptions/SUB/resourceGroups/RG/providers/"
+                          "Microsoft.ManagedIdentity/userAssignedIdentities/NAME}")
+
+
+def check_bucket_identity(recipe: "Recipe") -> None:
+    """An az:// source is read by the engine as the Azure VM's managed identity (the Run:ai streamer's
+    DefaultAzureCredential; an account key or SAS token would be a secret in engine.env, which recipes
+    refuse). SkyPilot gives the VM the identity `azure.remote_identity` names in its config, else one of
+    its own that cannot read blobs: refuse that before anything is launched. The config is read as
+    SkyPilot reads it for the cluster (its config files, workspace, the recipe's global config)."""
+    source = recipe.model.source
+    if not source or not source.startswith("az://"):
+        return
+    clouds = recipe.resources.clouds
+    if clouds and "azure" not in clouds:
+        raise CloudError(f"model.source: {source} is read with an Azure VM's managed identity, and "
+                         f"{', '.join(clouds)} {'is' if len(clouds) == 1 else 'are'} not Azure; "
+                         "add azure to resources.cloud (--cloud azure)")
+    from sky import skypilot_config
+
+    from mistral_deploy.render import cloud_config
+
+    cluster = f"md-{recipe.name}"  # cloud.resource_name: the name SkyPilot matches a per-cluster list against
+    global_config = cloud_config(recipe)
+    with (skypilot_config.override_skypilot_config(global_config) if global_config else contextlib.nullcontext()):
+        setting = skypilot_config.get_effective_workspace_region_config(
+            cloud="azure", region=recipe.resources.region_for("azure"), keys=("remote_identity",),
+            default_value=None)
+    if isinstance(setting, list):  # [{cluster-name pattern: identity}, ...]: the first that matches
+        setting = next((value for entry in setting for pattern, value in entry.items()
+                        if fnmatch.fnmatchcase(cluster, pattern)), None)
+    if isinstance(setting, str) and setting and setting not in _NO_AZURE_IDENTITY:
+        return
+    said = f"is {setting}" if setting else "is not set"
+    raise CloudError(f"model.source: {source} needs an Azure managed identity that can read the storage "
+                     f"account (Storage Blob Data Reader), and SkyPilot's azure.remote_identity {said} (its own "
+                     f"identity cannot read blobs); set in ~/.sky/config.yaml: {AZURE_IDENTITY_SETTING}")

@@ -50,7 +50,13 @@ _SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,128}$")
 _OWNED_ENGINE_FLAGS = ("--host", "--port", "--uds", "--api-key", "--model", "--served-model-name",
                        "--tensor-parallel-size", "--config", "--root-path", "--ssl-keyfile", "--ssl-certfile",
                        "--allowed-origins")
-_SECRET_ENV_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|PRIVATE_KEY)", re.IGNORECASE)
+# (an Azure storage account key, or a connection string that holds one: AZURE_STORAGE_ACCOUNT_KEY,
+# AZURE_STORAGE_CONNECTION_STRING, which the Run:ai streamer would read)
+_SECRET_ENV_RE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|PRIVATE_KEY|ACCOUNT_KEY|CONNECTION_STRING)",
+                            re.IGNORECASE)
+# The storage account of an az://CONTAINER/PREFIX source: the Run:ai streamer reads it from this variable
+# (runai_model_streamer_azure 0.17: credentials.AzureCredentials, and its C++ reader the same).
+AZURE_ACCOUNT_ENV = "AZURE_STORAGE_ACCOUNT_NAME"
 # What a vpc-mode gateway admits by default: the private address ranges (RFC 1918, IPv6 ULA).
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 
@@ -458,6 +464,10 @@ class Recipe(_Spec):
                     raise ValueError(
                         f"resources.tensor_parallel: {res.tensor_parallel} must divide the GPU count of {gpu}"
                     )
+        if self.model.source and self.model.source.startswith("az://") and AZURE_ACCOUNT_ENV not in self.engine.env:
+            raise ValueError(f"model.source: {self.model.source} names a container, not its storage account: the "
+                             f"engine's streamer reads the account from engine.env, e.g. "
+                             f"engine: {{env: {{{AZURE_ACCOUNT_ENV}: myaccount}}}}")
         if self.guardrail and self.model.task != "generate":
             raise ValueError(f"guardrail: a system prompt is for chat models; model.task is {self.model.task}")
         if self.replicas is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional
@@ -314,9 +315,19 @@ def from_hub(recipe: Recipe) -> bool:
     return not (recipe.model.source or recipe.model.id.startswith(("/", ".", "~", BUILTIN_MODEL_PREFIX)))
 
 
+def _instance_role_bucket(recipe: Recipe) -> bool:
+    """The engine reads an s3:// bucket as the AWS instance's role: only when the VM may be on AWS (the run
+    script asks SkyPilot which cloud it is on). GCP's and Azure's metadata services answer containers on
+    Docker's bridge, and an S3-compatible store elsewhere has no instance role: there the engine stays on
+    the bridge, out of reach of the VM's credentials and loopback services."""
+    clouds = recipe.resources.clouds
+    return bool(recipe.model.source and recipe.model.source.startswith("s3://") and (not clouds or "aws" in clouds))
+
+
 def render_run(recipe: Recipe) -> str:
     args = engine_args(recipe, model=_model_source(recipe), socket=VM_ENGINE_SOCKET, model_positional=True,
                        tensor_parallel=False)
+    aws_region = recipe.resources.region_for("aws") if "aws" in recipe.resources.clouds else None
     return render_template(
         "run.sh.j2",
         recipe=recipe,
@@ -342,6 +353,11 @@ def render_run(recipe: Recipe) -> str:
                                                         _weights_pattern(recipe))),
         builtin_model=recipe.builtin_model,
         bucket_source=recipe.model.source,
+        instance_role_bucket=_instance_role_bucket(recipe),
+        aws_only=recipe.resources.clouds == ["aws"],
+        # the region the role's bucket is asked in, unless the recipe's engine.env gives it
+        aws_region=aws_region if aws_region and re.fullmatch(r"[a-z0-9-]+", aws_region) else "",
+        set_region=not {"AWS_REGION", "AWS_DEFAULT_REGION"} & set(recipe.engine.env),
         vpc=recipe.network.mode == "vpc",
         key_hashes_secret=KEY_HASHES_SECRET,
         load_balancer_env=LOAD_BALANCER_ENV if recipe.replicas is not None else None,

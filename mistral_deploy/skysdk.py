@@ -64,14 +64,17 @@ class ReplicaInfo:
     status: str  # SkyServe's ReplicaStatus value: PROVISIONING, STARTING, READY, ...
     endpoint: Optional[str] = None
     cluster: Optional[str] = None
+    version: Optional[int] = None  # the service version the replica runs (`sky serve update` adds one)
+    is_spot: bool = False
 
 
 @dataclass(frozen=True)
 class ServiceInfo:
     name: str
-    status: str  # SkyServe's ServiceStatus value: CONTROLLER_INIT, REPLICA_INIT, READY, ...
+    status: str  # SkyServe's ServiceStatus value: CONTROLLER_INIT, NO_REPLICA, READY, ...
     endpoint: Optional[str] = None  # the load balancer, e.g. https://203.0.113.7:30001
     replicas: tuple[ReplicaInfo, ...] = field(default_factory=tuple)
+    version: Optional[int] = None  # the latest version (the target of the last update)
 
 
 class Tunnel:
@@ -379,12 +382,33 @@ class SkySdk:
                     status=_enum_value(_field(r, "status")),
                     endpoint=_field(r, "endpoint"),
                     cluster=_field(r, "name"),
+                    version=_int_or_none(_field(r, "version")),
+                    is_spot=bool(_field(r, "is_spot", False)),
                 )
                 for r in _field(record, "replica_info") or []
             )
             return ServiceInfo(name=service_name, status=_enum_value(_field(record, "status")),
-                               endpoint=_field(record, "endpoint"), replicas=replicas)
+                               endpoint=_field(record, "endpoint"), replicas=replicas,
+                               version=_int_or_none(_field(record, "version")))
         return None
+
+    def serve_consolidation_mode(self) -> bool:
+        """SkyServe's consolidation mode (`serve.controller.consolidation_mode: true`): the controller and
+        load balancer run inside SkyPilot's API server, with no VM of their own. As SkyPilot reads its
+        config now (a remote API server's own config cannot be read from here: the local one is)."""
+        from sky import skypilot_config
+
+        skypilot_config.reload_config()
+        return skypilot_config.get_nested(("serve", "controller", "consolidation_mode"), False) is True
+
+    def api_server_host(self) -> Optional[str]:
+        """The host of SkyPilot's API server when it runs elsewhere; None for a local one."""
+        from urllib.parse import urlsplit
+
+        from sky.server import common
+
+        url = common.get_server_url()
+        return None if common.is_api_server_local(url) else urlsplit(url).hostname
 
     def serve_down(self, service_name: str) -> None:
         """Tear the service down (replicas, then its place on the controller); gone already is fine."""
@@ -613,6 +637,40 @@ def identity_files(ssh_config: Path) -> list[str]:
             if os.path.isfile(path) and path not in found:
                 found.append(path)
     return found
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def host_addresses() -> list[str]:
+    """This machine's addresses, as other machines may see its connections come from (loopback and
+    link-local left out), from the interfaces' own list (psutil, a SkyPilot dependency)."""
+    import ipaddress
+
+    import psutil
+
+    found: list[str] = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            ip = ipaddress.ip_address(entry.address.split("%", 1)[0])
+            if not (ip.is_loopback or ip.is_link_local) and str(ip) not in found:
+                found.append(str(ip))
+    return found
+
+
+def resolve_addresses(host: str) -> list[str]:
+    """The addresses a host name resolves to (an address resolves to itself)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise CloudError(f"cannot resolve {host}: {exc.strerror}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def free_port() -> int:

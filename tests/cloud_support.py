@@ -274,6 +274,11 @@ class FakeSky:
         self.launch_raises: Optional[Callable[[], None]] = None  # runs inside the SDK's error translation
         self.controller_host: Optional[str] = None  # SkyServe controller already up at this address
         self.serve_host = "127.0.0.1"
+        self.consolidation_mode = False  # SkyServe's controller inside the API server (local unless api_host)
+        self.api_host: Optional[str] = None
+        # how the next `sky serve update` rolls out: "done" (the new version serves alone), "rolling" (new
+        # replicas starting, the old ones serving), "failed" (the new replicas failed, the old ones serve)
+        self.update_outcome = "done"
         self.price = 1.006
         self.down_fails: dict[str, str] = {}  # cluster -> why SkyPilot cannot remove it (yet)
         self.gpus_offered: Optional[dict[str, dict[str, list[int]]]] = None  # cloud -> GPU -> counts
@@ -419,24 +424,55 @@ class FakeSky:
             # the load balancer serves what SkyServe uploaded: the key and certificate files we passed
             self.vm.stop()
             self.vm.start(cert_key=(Path(tls.certfile), Path(tls.keyfile)))
-        host = self.controller_host or self.serve_host
-        self.controller_host = host
+        if self.consolidation_mode:
+            host = "localhost"  # what SkyServe reports in consolidation mode (sky/serve/server/impl.py)
+        else:
+            host = self.controller_host or self.serve_host
+            self.controller_host = host
         endpoint = f"{scheme}://{host}:{self.vm.port}"
         self.services[service_name] = ServiceInfo(
             # SkyServe's state for a service scaled to zero is NO_REPLICA
             name=service_name, status="READY" if task.service.min_replicas else "NO_REPLICA", endpoint=endpoint,
             replicas=tuple(ReplicaInfo(replica_id=i + 1, status="READY", endpoint=f"http://10.0.0.{i + 1}:8443",
-                                       cluster=f"{service_name}-{i + 1}")
+                                       cluster=f"{service_name}-{i + 1}", version=1)
                            for i in range(task.service.min_replicas)),
+            version=1,
         )
         return endpoint
+
+    def serve_consolidation_mode(self) -> bool:
+        return self.consolidation_mode
+
+    def api_server_host(self) -> Optional[str]:
+        return self.api_host
 
     def serve_update(self, task_config: dict[str, Any], *, service_name: str, secrets: dict[str, str],
                      global_config: dict[str, Any], blue_green: bool = False) -> None:
         self._real.make_task(task_config, secrets)
         self._record("serve_update", task_config=task_config, service_name=service_name, secrets=dict(secrets),
                      blue_green=blue_green)
-        self._configure_keys(secrets)  # once every replica is replaced
+        import dataclasses
+
+        service = self.services[service_name]
+        version = (service.version or 1) + 1
+        old = [r for r in service.replicas if r.status == "READY"]
+        next_id = max([r.replica_id for r in service.replicas] or [0]) + 1
+        state = {"done": "READY", "rolling": "STARTING", "failed": "FAILED_PROBING"}[self.update_outcome]
+        new = [ReplicaInfo(replica_id=next_id + i, status=state, endpoint=f"http://10.0.1.{i + 1}:8443",
+                           cluster=f"{service_name}-{next_id + i}", version=version) for i in range(len(old) or 1)]
+        replicas = new if self.update_outcome == "done" else old + new
+        self.services[service_name] = dataclasses.replace(service, replicas=tuple(replicas), version=version)
+        if self.update_outcome == "done":
+            self._configure_keys(secrets)  # every replica replaced
+
+    def finish_rollout(self, service_name: str, secrets: dict[str, str]) -> None:
+        """What SkyServe does when a rolling update ends: the old replicas are gone, the new ones ready."""
+        import dataclasses
+
+        service = self.services[service_name]
+        new = tuple(dataclasses.replace(r, status="READY") for r in service.replicas if r.version == service.version)
+        self.services[service_name] = dataclasses.replace(service, replicas=new)
+        self._configure_keys(secrets)
 
     def serve_status(self, service_name: str) -> Optional[ServiceInfo]:
         self._record("serve_status", service_name=service_name)

@@ -543,3 +543,158 @@ def test_cli_up_quota_error_is_one_line_exit_9(fake, vm):
     assert "Traceback" not in result.stderr and "quota" in result.stderr
     assert run_cli("status", "--json").stdout.strip().startswith("{")
     assert StateStore().list() == []
+
+
+# --------------------------------------------------------------------------------------------------
+# SkyServe as its real controller behaves (issue 17): replica states, consolidation mode, rollouts
+
+
+def test_a_service_is_judged_by_its_replicas_not_by_no_replica(fake, vm, store):
+    """SkyServe says NO_REPLICA until a replica is READY, while the first ones start too: that is no failure.
+    It is one once SkyServe gives up on the service, or on every replica."""
+    from mistral_deploy.skysdk import ReplicaInfo, ServiceInfo
+
+    backend = ServeBackend()
+    backend._ALIVE_EVERY = 0
+    phases = Phases()
+
+    def judged(status: str, *states: str) -> bool:
+        fake.services["md-x"] = ServiceInfo(name="md-x", status=status, replicas=tuple(
+            ReplicaInfo(replica_id=i, status=s, version=1) for i, s in enumerate(states, 1)))
+        return backend._alive_check("md-x", phases.phase)()
+
+    assert judged("NO_REPLICA") is True  # the controller has not made the replicas' records yet
+    assert judged("NO_REPLICA", "PENDING", "PROVISIONING") is True
+    assert phases.details[-1] == "1/2 replicas provisioning"
+    assert judged("NO_REPLICA", "STARTING", "FAILED_PROVISION") is True  # one failed, one still coming
+    assert phases.details[-1] == "1/2 replicas starting"
+    assert judged("NO_REPLICA", "FAILED_PROVISION", "FAILED_SETUP") is False
+    assert judged("FAILED") is False and judged("CONTROLLER_FAILED", "READY") is False
+    assert judged("READY", "READY", "STARTING") is True
+
+
+def test_consolidation_mode_admits_this_machines_addresses_and_pins_localhost(fake, vm, store):
+    """Consolidation mode: SkyServe reports the load balancer as localhost:PORT, and it connects to the
+    replicas from the API server's machine: replicas admit that machine's addresses, not "localhost"."""
+    vm.start()
+    fake.consolidation_mode = True
+    recipe = _service_recipe()
+    deployment = ServeBackend().up(recipe, store, Phases())
+    assert fake.names().count("serve_up") == 1  # no second launch: the address was known before
+    up = next(c for c in fake.calls if c.method == "serve_up")
+    admitted = up.args["task_config"]["envs"]["MISTRAL_DEPLOY_LOAD_BALANCER"].split()
+    assert admitted == skysdk.host_addresses() and admitted and "localhost" not in admitted
+    assert deployment.endpoint == f"https://localhost:{vm.port}/v1"
+    keys = store.read_api_keys(recipe.name)
+    assert _authed_models(deployment.endpoint, keys[0], deployment.tls_ca).status_code == 200  # localhost pinned
+    assert deployment.details["lb_sources"] == admitted and deployment.details["consolidation_mode"] is True
+
+
+def test_consolidation_mode_with_a_remote_api_server_uses_its_address(fake, vm, store):
+    vm.start()
+    fake.consolidation_mode = True
+    fake.api_host = "127.0.0.1"  # a remote API server, here named by an address
+    deployment = ServeBackend().up(_service_recipe(), store, Phases())
+    up = next(c for c in fake.calls if c.method == "serve_up")
+    assert up.args["task_config"]["envs"]["MISTRAL_DEPLOY_LOAD_BALANCER"] == "127.0.0.1"
+    assert deployment.endpoint == f"https://127.0.0.1:{vm.port}/v1"  # not SkyServe's "localhost"
+    keys = store.read_api_keys(deployment.name)
+    assert _authed_models(deployment.endpoint, keys[0], deployment.tls_ca).status_code == 200
+
+
+def _serve_up(fake, vm, store, **extra: Any) -> tuple[ServeBackend, Recipe]:
+    vm.start()
+    fake.controller_host = "127.0.0.1"
+    recipe = _service_recipe(**extra)
+    backend = ServeBackend()
+    backend._ROLLOUT_EVERY = 0.05
+    backend.up(recipe, store, Phases())
+    return backend, recipe
+
+
+def _keys_cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from mistral_deploy.cli import _register, app
+
+    _register()
+    return CliRunner().invoke(app, ["keys", *args])
+
+
+def test_a_revoke_that_has_not_reached_every_replica_is_pending_until_it_has(fake, vm, store, monkeypatch):
+    from cloud_support import probe_key_of
+
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store, health={**FAST_HEALTH, "readiness_timeout": 1})
+    keys = store.read_api_keys(recipe.name)
+    added = _keys_cli("add", recipe.name)
+    assert added.exit_code == 0, added.output
+    fake.update_outcome = "rolling"  # the new replicas start; the old ones serve, with the old keys
+    revoked = _keys_cli("revoke", recipe.name, "key-1")
+    assert revoked.exit_code == 0, revoked.output
+    assert "pending" in revoked.output and "key-1 still accepted" in revoked.output
+    assert _authed_models(f"https://127.0.0.1:{vm.port}/v1", keys[0], store.load(recipe.name).tls_ca).status_code == 200
+    listed = _keys_cli("list", recipe.name)
+    assert "key-1" in listed.output and "revoke pending" in listed.output  # never listed as gone while accepted
+    status = backend.status(store.load(recipe.name), store)
+    assert status["rollout"]["state"] == "rolling" and "key-1 still accepted" in status["warning"]
+    # SkyServe finishes: the old replicas are gone, the key is refused everywhere
+    update = [c for c in fake.calls if c.method == "serve_update"][-1]
+    fake.finish_rollout(recipe and store.load(recipe.name).details["service"], update.args["secrets"])
+    assert _authed_models(f"https://127.0.0.1:{vm.port}/v1", keys[0], store.load(recipe.name).tls_ca).status_code == 401
+    listed = _keys_cli("list", recipe.name)
+    assert "key-1" not in listed.output and "key-2" in listed.output
+    assert backend.status(store.load(recipe.name), store)["rollout"] is None
+    assert probe_key_of(update)  # the probe key travelled with every update
+
+
+def test_a_revoke_waits_for_the_rollout_and_says_so_when_done(fake, vm, store, monkeypatch):
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store)
+    _keys_cli("add", recipe.name)
+    revoked = _keys_cli("revoke", recipe.name, "key-1")
+    assert revoked.exit_code == 0, revoked.output
+    assert "version 3 serves alone" in revoked.output and "key-1 refused by every replica" in revoked.output
+    assert "key-1" not in _keys_cli("list", recipe.name).output
+
+
+def test_a_failed_update_is_not_recorded_as_applied_and_shows_as_drift(fake, vm, store, monkeypatch):
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store)
+    before = store.load(recipe.name).recipe
+    changed = recipe.model_copy(update={"model": recipe.model.model_copy(update={"max_model_len": 4096})})
+    fake.update_outcome = "failed"
+    with pytest.raises(CloudError, match="update \\(recipe\\) failed: version 2 failed"):
+        backend.apply(store.load(recipe.name), changed, None, store, Phases())
+    record = store.load(recipe.name)
+    assert record.recipe == before  # not applied
+    assert record.details["rollout"]["state"] == "failed" and record.details["rollout"]["version"] == 2
+    status = backend.status(record, store)
+    assert status["warning"].startswith("drift: the last update (recipe) failed and the old version serves")
+    # a later update that serves alone clears it, and only then is its recipe recorded
+    fake.update_outcome = "done"
+    backend.apply(store.load(recipe.name), changed, None, store, Phases())
+    record = store.load(recipe.name)
+    assert record.recipe == changed.to_yaml_config() and "rollout" not in record.details
+    assert record.details["version"] == 3
+
+
+def test_updates_keep_the_probe_key_so_a_scaling_change_can_keep_its_replicas(fake, vm, store, monkeypatch):
+    """SkyServe reuses a replica on update when the task differs only in its `service` section: the probe
+    key (a secret) stays the same across updates, so a replicas.max or target_qps change keeps the GPUs."""
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store)
+    up = next(c for c in fake.calls if c.method == "serve_up")
+    scaled = recipe.model_copy(update={"replicas": recipe.replicas.model_copy(update={"max": 6, "target_qps": 9})})
+    backend.apply(store.load(recipe.name), scaled, None, store, Phases())
+    update = [c for c in fake.calls if c.method == "serve_update"][-1]
+    assert update.args["secrets"] == up.args["secrets"]
+    without_service = [{k: v for k, v in c.args["task_config"].items() if k != "service"} for c in (up, update)]
+    assert without_service[0] == without_service[1]
+    assert update.args["task_config"]["service"] != up.args["task_config"]["service"]
+    # rotated only when asked
+    rotated = _keys_cli("revoke", recipe.name, "probe")
+    assert rotated.exit_code == 0, rotated.output
+    last = [c for c in fake.calls if c.method == "serve_update"][-1]
+    assert probe_key_of(last) != probe_key_of(up)
+    assert stat.S_IMODE(os.stat(store.dir(recipe.name) / "probe_key").st_mode) == 0o600

@@ -28,19 +28,30 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="JSON on stdout.")]
 
 @keys_app.command("list")
 def list_keys(name: NameArg, json_out: JsonFlag = False) -> None:
-    """Key ids and creation times; never a secret. Exit 5: no such deployment."""
+    """Key ids and creation times; never a secret. A service's revoked key stays listed, as "revoke
+    pending", while a replica of an older version still accepts it. Exit 5: no such deployment."""
     from mistral_deploy.state import StateStore
 
     out = Output(json_mode=json_out)
     store = StateStore()
     deployment = store.load(name)
     created = deployment.details.get("key_created") or {}
-    rows = [{"id": key_id, "created_at": created.get(key_id, deployment.created_at)}
+    rows = [{"id": key_id, "created_at": created.get(key_id, deployment.created_at), "state": "active"}
             for key_id in store.read_keys(name)]
+    if deployment.details.get("rollout"):
+        from mistral_deploy.serve import ServeBackend
+
+        rollout = ServeBackend().refresh_rollout(deployment, store)
+        for key_id in (rollout or {}).get("revoked") or []:
+            rows.append({"id": key_id, "created_at": created.get(key_id, deployment.created_at),
+                         "state": "revoke failed" if rollout.get("state") == "failed" else "revoke pending",
+                         "detail": rollout.get("detail")})
     if json_out:
         out.json({"name": name, "keys": rows})
         return
-    out.data("\n".join(f"{row['id']}\t{_when(row['created_at'])}" for row in rows))
+    out.data("\n".join(f"{row['id']}\t{_when(row['created_at'])}"
+                       + (f"\t{row['state']}: {row['detail']}" if row["state"] != "active" else "")
+                       for row in rows))
 
 
 @keys_app.command("add")
@@ -87,8 +98,11 @@ def add(
 def revoke(name: NameArg, key_id: Annotated[str, typer.Argument(help="The id of the key to revoke.")],
            json_out: JsonFlag = False) -> None:
     """Revoke a key: its next request is refused (401); a request it started finishes. The last key
-    cannot be revoked (add another first). Exit 5: no such deployment."""
+    cannot be revoked (add another first). A service's replicas refuse it once the rolling update that
+    carries the new key set is done: the command waits for it, or reports it pending. `probe` on a
+    service: a new key for SkyServe's readiness probe. Exit 5: no such deployment."""
     from mistral_deploy.errors import RecipeError
+    from mistral_deploy.gateway import PROBE_KEY_ID
     from mistral_deploy.state import StateStore
 
     out = Output(json_mode=json_out)
@@ -96,6 +110,18 @@ def revoke(name: NameArg, key_id: Annotated[str, typer.Argument(help="The id of 
     with store.changing(name):
         deployment = store.load(name)
         keys = store.read_keys(name)
+        if key_id == PROBE_KEY_ID and deployment.backend == "serve" and key_id not in keys:
+            from mistral_deploy.progress import Progress
+            from mistral_deploy.serve import ServeBackend
+
+            progress = Progress()
+            try:
+                ServeBackend().rotate_probe_key(deployment, store, progress)
+            finally:
+                progress.close()
+            if json_out:
+                out.json({"name": name, "revoked": key_id, "keys": list(keys), "rotated": True})
+            return
         if key_id not in keys:
             raise RecipeError(f"{name} has no key {key_id!r}; its keys: {', '.join(keys) or 'none'}")
         if len(keys) == 1:

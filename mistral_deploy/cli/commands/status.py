@@ -30,7 +30,9 @@ def status(
     rows: list[dict[str, Any]] = []
     for deployment in deployments:
         try:
-            rows.append(backend_named(deployment.backend).status(deployment))
+            backend = backend_named(deployment.backend)
+            rows.append(backend.status(deployment, store) if deployment.backend == "serve"
+                        else backend.status(deployment))
         except MistralDeployError as exc:
             rows.append({"name": deployment.name, "backend": deployment.backend, "phase": deployment.phase,
                          "healthy": False, "endpoint": deployment.endpoint, "ip": None, "error": exc.message})

@@ -7,11 +7,17 @@
 #   scripts/testbed.sh start     # the daemons: munge, Slurm, sshd, the registry, dockerd
 #   scripts/testbed.sh stop      # stops what start started, and every job, container and process left
 #   scripts/testbed.sh status    # exit 0 when every daemon answers; `installed` exits 0 when installed
-#   scripts/testbed.sh start-replicas N / stop-replicas   # N more "VMs" for SkyServe replicas (below)
+#   scripts/testbed.sh start-nodes N / stop-nodes / kill-node N   # the bed's VMs (below)
+#   scripts/testbed.sh client-env DIR   # a SkyPilot client home that uses the bed as a cloud (below)
 #
 # What it is:
-# - a one-node Slurm cluster (slurmctld + slurmd on 127.0.0.1) with a fake A10G:1 GPU in gres.conf,
-#   which SkyPilot's Slurm infra launches on through SSH, as user mdnode, like a real cluster;
+# - a Slurm cluster whose controller runs here, with a fake A10G:1 GPU per node in gres.conf, which
+#   SkyPilot's Slurm infra launches on through SSH, as user mdnode, like a real cluster. Two partitions:
+#     debug (default)  this machine as one node (slurmd on 127.0.0.1): one VM at a time, reached at 127.0.0.1
+#     nodes            mdbed-n1..n4, started with `start-nodes`: each a machine of its own as far as the
+#                      network goes (a network and a UTS namespace: its own address 10.231.200.1N on the
+#                      bed's link mdbed0, its own hostname, slurmd, dockerd and registry mirror), so that
+#                      SkyServe's replicas run on separate "VMs" and one can be lost (`kill-node`) as a VM is;
 # - a private sshd on 127.0.0.1 (the Slurm "login node"), for that user and this bed's key only;
 # - a real Docker daemon (Debian's docker.io) with a no-op nvidia-container-runtime-hook, so that
 #   `docker run --gpus all` starts without a GPU; its bridge is 10.231.150.0/24 and forwards
@@ -34,9 +40,16 @@ NODE_HOME="$BED/home"
 SLURM_CLUSTER=mdbed            # the Host name in ~/.slurm/config: SkyPilot's region for this infra
 SSH_PORT=2299
 REGISTRY=127.0.0.1:5055
-DOCKER_SOCK="$BED/run/docker.sock"
+DOCKER_SOCK="$BED/run/docker/docker.sock"  # on each node: its own daemon's socket at this path
 DOCKER_BRIDGE=10.231.150.1/24
 GPU=A10G
+LINK=mdbed0                    # the bed's link: this machine 10.231.200.1, node N 10.231.200.1N
+LINK_NET=10.231.200
+NODES=4
+PROXY_PORT=3128                # the nodes' way to PyPI (scripts/testbed/pypi-proxy.py), on 10.231.200.1
+HOST_SLURMD="slurmd-$(hostname -s)"
+PROXY="http://$LINK_NET.1:$PROXY_PORT"
+NO_PROXY="127.0.0.1,localhost,$LINK_NET.11,$LINK_NET.12,$LINK_NET.13,$LINK_NET.14"
 # The images the rendered tasks pull (mistral_deploy.recipe.DEFAULT_VLLM_IMAGE, render.GATEWAY_IMAGE).
 VLLM_IMAGE="${MISTRAL_DEPLOY_TESTBED_VLLM_IMAGE:-vllm/vllm-openai:v0.32.0}"
 NGINX_IMAGE="${MISTRAL_DEPLOY_TESTBED_NGINX_IMAGE:-nginx:1.28.0-alpine}"
@@ -115,6 +128,8 @@ install_node_user() {
 export PATH="$BED/nodebin:\$HOME/.local/bin:$BED/python3.10/bin:\$PATH"
 export SLURM_CONF="$BED/slurm/slurm.conf"
 export DOCKER_HOST="unix://$DOCKER_SOCK"
+# PyPI through the bed's proxy (the nodes' NAT gateway; for this machine's node too, the same way)
+export HTTPS_PROXY="$PROXY" https_proxy="$PROXY" NO_PROXY="$NO_PROXY" no_proxy="$NO_PROXY"
 export SKYPILOT_DISABLE_USAGE_COLLECTION=1
 export UV_SYSTEM_CERTS=1 UV_NATIVE_TLS=1 SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 # one package cache for every cluster (each has a HOME of its own): the runtime installs once from PyPI
@@ -145,7 +160,7 @@ PermitUserEnvironment yes
 AllowTcpForwarding yes
 MaxSessions 50
 MaxStartups 50:30:100
-SetEnv SLURM_CONF=$BED/slurm/slurm.conf DOCKER_HOST=unix://$DOCKER_SOCK SKYPILOT_DISABLE_USAGE_COLLECTION=1
+SetEnv SLURM_CONF=$BED/slurm/slurm.conf DOCKER_HOST=unix://$DOCKER_SOCK SKYPILOT_DISABLE_USAGE_COLLECTION=1 HTTPS_PROXY=$PROXY https_proxy=$PROXY NO_PROXY=$NO_PROXY no_proxy=$NO_PROXY
 Subsystem sftp internal-sftp
 EOF
 }
@@ -155,9 +170,9 @@ install_slurm() {
   [ -e "$BED/slurm/nvidia0" ] || mknod "$BED/slurm/nvidia0" c 1 3  # a GPU "device" (/dev/null's numbers)
   chmod 666 "$BED/slurm/nvidia0"
   cat > "$BED/slurm/slurm.conf" <<EOF
-# written by scripts/testbed.sh: one node, this machine, scheduling-only sizes
+# written by scripts/testbed.sh: this machine as a node, and the bed's nodes; scheduling-only sizes
 ClusterName=$SLURM_CLUSTER
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($LINK_NET.1)
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
@@ -171,21 +186,28 @@ ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill
 StateSaveLocation=$BED/slurm/state
-SlurmdSpoolDir=$BED/slurm/spool
+SlurmdSpoolDir=$BED/slurm/spool/%n
 SlurmctldPidFile=$BED/run/slurmctld.pid
-SlurmdPidFile=$BED/run/slurmd.pid
+SlurmdPidFile=$BED/run/slurmd-%n.pid
 SlurmctldLogFile=$BED/log/slurmctld.log
-SlurmdLogFile=$BED/log/slurmd.log
+SlurmdLogFile=$BED/log/slurmd-%n.log
 SlurmctldPort=6817
 SlurmdPort=6818
 JobCompType=jobcomp/none
 KillWait=10
+# a lost node is declared DOWN (and its jobs ended) within 30 s, as a cloud reports a lost VM
+SlurmdTimeout=30
 NodeName=$host NodeAddr=127.0.0.1 CPUs=16 RealMemory=64000 Gres=gpu:$GPU:1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=02:00:00 State=UP
+$(for n in $(seq "$NODES"); do
+    echo "NodeName=mdbed-n$n NodeAddr=$LINK_NET.1$n CPUs=16 RealMemory=64000 Gres=gpu:$GPU:1 State=UNKNOWN"
+  done)
+PartitionName=debug Nodes=$host Default=YES MaxTime=02:00:00 State=UP
+PartitionName=nodes Nodes=mdbed-n[1-$NODES] MaxTime=02:00:00 State=UP
 EOF
   cat > "$BED/slurm/gres.conf" <<EOF
 AutoDetect=off
-Name=gpu Type=$GPU Count=1 File=$BED/slurm/nvidia0
+NodeName=$host Name=gpu Type=$GPU Count=1 File=$BED/slurm/nvidia0
+NodeName=mdbed-n[1-$NODES] Name=gpu Type=$GPU Count=1 File=$BED/slurm/nvidia0
 EOF
   chmod 644 "$BED/slurm/slurm.conf" "$BED/slurm/gres.conf"
 }
@@ -436,6 +458,7 @@ start_registry() {
 }
 
 start_dockerd() {
+  mkdir -p "$(dirname "$DOCKER_SOCK")"
   launch_dockerd dockerd "$BED/docker" "$BED/run/exec" "$DOCKER_SOCK" "$DOCKER_BRIDGE"
 }
 
@@ -452,10 +475,11 @@ start_slurm() {
   if ! running slurmctld; then
     SLURM_CONF="$BED/slurm/slurm.conf" slurmctld -f "$BED/slurm/slurm.conf" >>"$BED/log/slurmctld.out" 2>&1
   fi
-  if ! running slurmd; then
+  if ! running "$HOST_SLURMD"; then
+    mkdir -p "$BED/slurm/spool/$(hostname -s)"
     SLURM_CONF="$BED/slurm/slurm.conf" slurmd -f "$BED/slurm/slurm.conf" >>"$BED/log/slurmd.out" 2>&1
   fi
-  wait_for 30 "Slurm" sh -c "SLURM_CONF='$BED/slurm/slurm.conf' sinfo -h -o %T | grep -qE 'idle|mixed|alloc'"
+  wait_for 30 "Slurm" sh -c "SLURM_CONF='$BED/slurm/slurm.conf' sinfo -h -p debug -o %T | grep -qE 'idle|mixed|alloc'"
 }
 
 start_sshd() {
@@ -470,6 +494,7 @@ cmd_start() {
   need_root
   [ -f "$BED/installed" ] || die "not installed: run scripts/testbed.sh install"
   start_munge
+  start_link
   start_slurm
   start_sshd
   start_registry
@@ -491,7 +516,7 @@ stop_one() {
   rm -f "$BED/run/$name.pid"
   case "$name" in
     dockerd) unmount_exec_root "$BED/run/exec" ;;
-    r*-dockerd) unmount_exec_root "$BED/run/${name%-dockerd}/exec" ;;
+    n*-dockerd) unmount_exec_root "$BED/run/${name%-dockerd}/exec" ;;
   esac
 }
 
@@ -501,7 +526,8 @@ cmd_stop() {
   if running slurmctld; then SLURM_CONF="$BED/slurm/slurm.conf" scancel -u "$NODE_USER" 2>/dev/null || true; fi
   if running dockerd; then remove_all_containers "$DOCKER_SOCK"; fi
   pkill -u "$NODE_USER" 2>/dev/null || true
-  for d in dockerd registry sshd slurmd slurmctld munged; do stop_one "$d"; done
+  for d in dockerd registry sshd "$HOST_SLURMD" slurmctld munged pypi-proxy; do stop_one "$d"; done
+  ip link del "$LINK" 2>/dev/null || true
   sleep 0.5
   pkill -9 -u "$NODE_USER" 2>/dev/null || true
   say "stopped"
@@ -509,61 +535,146 @@ cmd_stop() {
 
 cmd_status() {
   local ok=0
-  for d in munged slurmctld slurmd sshd registry dockerd; do
+  for d in munged slurmctld "$HOST_SLURMD" sshd registry dockerd; do
     if running "$d"; then echo "$d: running (pid $(pid_of "$d"))"; else echo "$d: stopped"; ok=1; fi
   done
   return $ok
 }
 
 # ------------------------------------------------------------------------------------------------
-# SkyServe replicas: more "VMs", each a network namespace (10.231.15N.2) with a Docker daemon and a
-# registry mirror of its own (the same registry storage, read-only use), so that several replicas can
-# run the same rendered stack on the same port, as separate VMs would.
+# The bed's nodes: mdbed-nN, a network namespace (10.231.200.1N on the link mdbed0) in which a UTS
+# namespace (hostname mdbed-nN) runs slurmd; dockerd and a registry mirror of its own (the same registry
+# storage, read-only use) run in the network namespace. What SkyPilot runs on the node (through srun)
+# runs there: its hostname, its address, its Docker daemon, as on a VM of its own.
 
-replica_ns() { echo "mdbed-r$1"; }
+start_link() {  # the bed's link, this machine's end: Slurm's controller address for every node
+  if ! ip link show "$LINK" >/dev/null 2>&1; then
+    ip link add "$LINK" type bridge
+    ip addr add "$LINK_NET.1/24" dev "$LINK"
+  fi
+  ip link set "$LINK" up
+  if ! running pypi-proxy; then
+    setsid python3 "$REPO/scripts/testbed/pypi-proxy.py" "$LINK_NET.1" "$PROXY_PORT" \
+      >>"$BED/log/pypi-proxy.log" 2>&1 < /dev/null &
+    echo $! > "$BED/run/pypi-proxy.pid"
+  fi
+}
 
-start_replica() {
+node_ns() { echo "mdbed-n$1"; }
+
+start_node() {
   local n="$1" ns host_if ns_if dir
-  ns="$(replica_ns "$n")"; host_if="mdbedr${n}h"; ns_if="mdbedr${n}n"; dir="$BED/replicas/r$n"
+  ns="$(node_ns "$n")"; host_if="mdbedn${n}h"; ns_if="mdbedn${n}n"; dir="$BED/nodes/n$n"
+  start_link
   if ! ip netns list | grep -qw "$ns"; then
     ip netns add "$ns"
     ip link add "$host_if" type veth peer name "$ns_if"
     ip link set "$ns_if" netns "$ns"
-    ip addr add "10.231.15$n.1/24" dev "$host_if"
-    ip link set "$host_if" up
-    ip netns exec "$ns" ip addr add "10.231.15$n.2/24" dev "$ns_if"
+    ip link set "$host_if" master "$LINK" up
+    ip netns exec "$ns" ip addr add "$LINK_NET.1$n/24" dev "$ns_if"
     ip netns exec "$ns" ip link set "$ns_if" up
     ip netns exec "$ns" ip link set lo up
   fi
   # nsenter --net, not `ip netns exec`: that one remounts /sys and hides the cgroups dockerd needs
-  launch_registry "r$n-registry" nsenter --net="/run/netns/$ns"
-  launch_dockerd "r$n-dockerd" "$dir/docker" "$BED/run/r$n/exec" "$BED/run/r$n-docker.sock" "10.231.16$n.1/24" \
+  launch_registry "n$n-registry" nsenter --net="/run/netns/$ns"
+  mkdir -p "$BED/run/$ns" "$dir"
+  launch_dockerd "n$n-dockerd" "$dir/docker" "$BED/run/n$n/exec" "$BED/run/$ns/docker.sock" "10.231.16$n.1/24" \
     nsenter --net="/run/netns/$ns"
-  echo "r$n 10.231.15$n.2 unix://$BED/run/r$n-docker.sock"
+  if ! running "slurmd-$ns"; then
+    mkdir -p "$BED/slurm/spool/$ns"
+    # its own hostname (UTS namespace), and its own daemon's socket where every node has it (a mount
+    # namespace in which the node's socket folder is bound over this machine's)
+    # and its own /etc/hosts, in which its name is its address (SkyPilot's Slurm executor resolves it)
+    printf '127.0.0.1 localhost\n::1 localhost\n%s\n' "$(for m in $(seq "$NODES"); do echo "$LINK_NET.1$m mdbed-n$m"; done)" \
+      > "$dir/hosts"
+    SLURM_CONF="$BED/slurm/slurm.conf" nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private \
+      sh -c "hostname $ns && mount --bind '$BED/run/$ns' '$(dirname "$DOCKER_SOCK")' && mount --bind '$dir/hosts' /etc/hosts \
+             && exec slurmd -f '$BED/slurm/slurm.conf'" >>"$BED/log/slurmd-$ns.out" 2>&1
+  fi
+  wait_for 60 "node $ns" sh -c "SLURM_CONF='$BED/slurm/slurm.conf' sinfo -h -n $ns -o %T | grep -qE '^(idle|mixed|alloc)'"
+  echo "$ns $LINK_NET.1$n unix://$BED/run/$ns/docker.sock"
 }
 
-stop_replicas() {
+stop_node() {  # stop_node N [lost]: everything of node N ends (lost: at once, as a VM that vanished)
+  local n="$1" how="${2:-}" ns pids sock
+  ns="$(node_ns "$n")"; sock="$BED/run/$ns/docker.sock"
+  if [ "$how" != lost ] && running "slurmd-$ns"; then
+    SLURM_CONF="$BED/slurm/slurm.conf" scontrol update nodename="$ns" state=down reason=stopped 2>/dev/null || true
+  fi
+  # its containers are killed, not stopped: what a lost VM does to them
+  if running "n$n-dockerd"; then remove_all_containers "$sock"; fi
+  if ip netns list | grep -qw "$ns"; then
+    pids="$(ip netns pids "$ns" 2>/dev/null || true)"
+    [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+  fi
+  for d in "slurmd-$ns" "n$n-dockerd" "n$n-registry"; do stop_one "$d"; done
+  ip netns del "$ns" 2>/dev/null || true
+  ip link del "mdbedn${n}h" 2>/dev/null || true
+}
+
+stop_nodes() {
   local n
-  for n in 1 2 3; do
-    if running "r$n-dockerd"; then remove_all_containers "$BED/run/r$n-docker.sock"; fi
-    stop_one "r$n-dockerd"; stop_one "r$n-registry"
-    ip netns del "$(replica_ns "$n")" 2>/dev/null || true
-    ip link del "mdbedr${n}h" 2>/dev/null || true
-  done
+  for n in $(seq "$NODES"); do stop_node "$n"; done
+}
+
+# What a machine needs to use the bed as a cloud: SkyPilot's Slurm config, the seeded catalog, the bed's
+# settings; the environment to use printed as NAME=VALUE lines. Nothing here is needed on a real cloud.
+cmd_client_env() {
+  local dir="$1" partition="$2"
+  [ -n "$dir" ] || die "usage: scripts/testbed.sh client-env DIR [nodes|debug]"
+  case "$partition" in nodes|debug) ;; *) die "client-env: partition must be nodes or debug, not '$partition'" ;; esac
+  mkdir -p "$dir/home/.slurm" "$dir/home/.sky" "$dir/sky" "$dir/state"
+  dir="$(cd "$dir" && pwd)"
+  cat > "$dir/home/.slurm/config" <<EOF
+Host $SLURM_CLUSTER
+  HostName 127.0.0.1
+  Port $SSH_PORT
+  User $NODE_USER
+  IdentityFile $BED/ssh/id_ed25519
+  IdentitiesOnly yes
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+EOF
+  # provision_timeout: a full partition would otherwise leave a launch pending for a day. GPU tasks go to
+  # the partition asked for (nodes: machines of their own; debug: this machine). SkyServe's controller
+  # runs inside the API server (consolidation mode): see docs/cloud.md for what a controller VM changes.
+  cat > "$dir/home/.sky/config.yaml" <<EOF
+slurm:
+  provision_timeout: 120
+  gpu_partition_map:
+    $GPU: [$partition]
+serve:
+  controller:
+    consolidation_mode: true
+EOF
+  # SkyPilot's catalog, offline: the package's own, with the bed's GPU offered on Slurm
+  "$REPO/.venv/bin/python" "$REPO/scripts/testbed/seed_catalog.py" "$dir/sky" "$GPU" >/dev/null
+  cat <<EOF
+HOME=$dir/home
+SKY_RUNTIME_DIR=$dir/sky
+MISTRAL_DEPLOY_HOME=$dir/state
+PYTHONPATH=$REPO/scripts/testbed/sky-bed
+SKYPILOT_DISABLE_USAGE_COLLECTION=1
+AWS_EC2_METADATA_DISABLED=true
+EOF
 }
 
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
-  stop) stop_replicas; cmd_stop ;;
-  start-replicas)  # start-replicas N: N replica VMs (at most 3); one line each: name, address, DOCKER_HOST
-    need_root; [ -f "$BED/installed" ] || die "not installed: run scripts/testbed.sh install"
-    for n in $(seq "${2:-2}"); do start_replica "$n"; done ;;
-  stop-replicas) need_root; stop_replicas ;;
+  stop) need_root; stop_nodes; cmd_stop ;;
+  start-nodes)  # start-nodes N: nodes 1..N (at most 3) up; one line each: name, address, DOCKER_HOST
+    need_root; running slurmctld || die "not started: run scripts/testbed.sh start"
+    [ "${2:-2}" -le "$NODES" ] || die "the bed has $NODES nodes"
+    for n in $(seq "${2:-2}"); do start_node "$n"; done ;;
+  stop-nodes) need_root; stop_nodes ;;
+  kill-node)  # kill-node N: node N lost at once (its containers, slurmd, jobs, namespace), as a VM vanishes
+    need_root; [ -n "${2:-}" ] || die "usage: scripts/testbed.sh kill-node N"; stop_node "$2" lost ;;
+  client-env) cmd_client_env "${2:-}" "${3:-nodes}" ;;
   status) cmd_status ;;
   installed) [ -f "$BED/installed" ] ;;
   env)  # for a shell: the bed's paths, as tests/testbed.py reads them
     echo "BED=$BED NODE_USER=$NODE_USER SLURM_CLUSTER=$SLURM_CLUSTER SSH_PORT=$SSH_PORT DOCKER_SOCK=$DOCKER_SOCK REGISTRY=$REGISTRY GPU=$GPU" ;;
-  *) echo "usage: scripts/testbed.sh install|start|stop|status|installed|env|start-replicas N|stop-replicas" >&2
+  *) echo "usage: scripts/testbed.sh install|start|stop|status|installed|env|start-nodes N|stop-nodes|kill-node N|client-env DIR" >&2
      exit 2 ;;
 esac

@@ -33,7 +33,6 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from _catalog import seed_catalog
 from conftest import _CLOUD_ENV_PREFIXES, REPO
 
 SCRIPT = REPO / "scripts" / "testbed.sh"
@@ -149,25 +148,34 @@ class Bed:
 
 
 @dataclass
-class ReplicaHost:
-    """One more "VM" of the bed for a SkyServe replica: its own network namespace and Docker daemon."""
+class Node:
+    """One of the bed's nodes (scripts/testbed.sh start-nodes): a machine of its own as far as the network
+    goes, with its own address, hostname, slurmd and Docker daemon."""
 
     name: str
     address: str
     docker_host: str
 
+    @property
+    def number(self) -> int:
+        return int(self.name.rsplit("n", 1)[1])
 
-@pytest.fixture
-def replica_hosts(testbed: Bed) -> Iterator[list[ReplicaHost]]:
-    """Two replica VMs (scripts/testbed.sh start-replicas), stopped with all they ran at the end."""
-    done = subprocess.run([str(SCRIPT), "start-replicas", "2"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MISTRAL_DEPLOY_TESTBED": str(BED_DIR)})
+
+@pytest.fixture(scope="module")
+def bed_nodes(testbed: Bed) -> Iterator[list[Node]]:
+    """Three nodes in the bed's `nodes` partition (room for two replicas and one more), stopped with all
+    they ran at the module's end."""
+    done = _script_args("start-nodes", "3", timeout=300)
     try:
         assert done.returncode == 0, done.stderr[-2000:]
-        yield [ReplicaHost(*line.split()) for line in done.stdout.splitlines() if line.strip()]
+        yield [Node(*line.split()) for line in done.stdout.splitlines() if line.strip()]
     finally:
-        subprocess.run([str(SCRIPT), "stop-replicas"], capture_output=True, timeout=300,
-                       env={**os.environ, "MISTRAL_DEPLOY_TESTBED": str(BED_DIR)})
+        _script_args("stop-nodes", timeout=300)
+
+
+def _script_args(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "MISTRAL_DEPLOY_TESTBED": str(BED_DIR)})
 
 
 @pytest.fixture(scope="session")
@@ -245,34 +253,52 @@ class BedClient:
                 names.append(parts[0])
         return names
 
+    def processes(self) -> list[int]:
+        """This client's processes (SkyPilot's API server, its workers, SkyServe's controller and load
+        balancer in consolidation mode): those whose HOME is this client's."""
+        home = f"HOME={self.env['HOME']}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if home in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return found
+
+    def stop_leftovers(self) -> None:
+        """What `sky api stop` leaves of this client (its request workers can outlive it): stopped by PID."""
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.processes()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while pids and time.monotonic() < deadline:
+                pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+                time.sleep(0.2)
+
     def down_all(self) -> None:
         self.cli("down", "--all", timeout=300)
         for cluster in self.clusters():
             self.sky("down", "-y", cluster)
 
 
-def client_env(root: Path, bed: Bed) -> dict[str, str]:
-    home, runtime = root / "home", root / "sky"
-    (home / ".slurm").mkdir(parents=True, exist_ok=True)
-    (home / ".sky").mkdir(parents=True, exist_ok=True)
-    key = bed.dir / "ssh" / "id_ed25519"
-    (home / ".slurm" / "config").write_text(
-        f"Host {bed.cluster}\n  HostName 127.0.0.1\n  Port {bed.ssh_port}\n  User {bed.node_user}\n"
-        f"  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
-        "  UserKnownHostsFile /dev/null\n")
-    # a full node would otherwise leave a launch pending for a day
-    (home / ".sky" / "config.yaml").write_text("slurm:\n  provision_timeout: 120\n")
-    catalog = seed_catalog(runtime)
-    # The public catalog knows the A10G on AWS only; the bed's Slurm cluster declares one in gres.conf.
-    accelerators = catalog / "common" / "accelerators.csv"
-    rows = accelerators.read_text().splitlines()
-    accelerators.write_text("\n".join(
-        f"{bed.gpu},\"['AWS', 'Slurm']\"" if row.split(",", 1)[0] == bed.gpu else row for row in rows) + "\n")
+def client_env(root: Path, bed: Bed, partition: str = "debug") -> dict[str, str]:
+    """The environment of a user of the bed: what `scripts/testbed.sh client-env ROOT PARTITION` writes and
+    prints (SkyPilot's Slurm config, the seeded catalog, the bed's settings), over this environment less
+    any cloud credential, with an API server port of its own."""
+    done = _script_args("client-env", str(root), partition, timeout=60)
+    assert done.returncode == 0, done.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLOUD_ENV_PREFIXES)}
-    env.update(HOME=str(home), SKY_RUNTIME_DIR=str(runtime), SKYPILOT_DISABLE_USAGE_COLLECTION="1",
-               SKYPILOT_API_SERVER_LOCAL_PORT=str(api_server_port()),
-               AWS_EC2_METADATA_DISABLED="true", MISTRAL_DEPLOY_HOME=str(root / "state"), NO_COLOR="1",
-               CI="1", COLUMNS="120", PYTHONUNBUFFERED="1")
+    env.update(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    env.update(SKYPILOT_API_SERVER_LOCAL_PORT=str(api_server_port()), NO_COLOR="1", CI="1", COLUMNS="120",
+               PYTHONUNBUFFERED="1")
     return env
 
 
@@ -301,8 +327,21 @@ def api_server_port() -> int:
 
 @pytest.fixture(scope="module")
 def bed_client(testbed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedClient]:
+    """A client whose GPU tasks run on this machine's node (the `debug` partition)."""
+    yield from _client(testbed, tmp_path_factory, "debug")
+
+
+@pytest.fixture(scope="module")
+def nodes_client(testbed: Bed, bed_nodes: list[Node], tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[BedClient]:
+    """A client whose GPU tasks run on the bed's nodes (machines of their own), SkyServe's controller in
+    the API server (consolidation mode)."""
+    yield from _client(testbed, tmp_path_factory, "nodes")
+
+
+def _client(testbed: Bed, tmp_path_factory: pytest.TempPathFactory, partition: str) -> Iterator[BedClient]:
     root = tmp_path_factory.mktemp("bed-client")
-    client = BedClient(root=root, env=client_env(root, testbed))
+    client = BedClient(root=root, env=client_env(root, testbed, partition))
     try:
         yield client
     finally:
@@ -310,6 +349,7 @@ def bed_client(testbed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             client.down_all()
         finally:
             client.sky("api", "stop")
+            client.stop_leftovers()
             testbed.clean()
 
 

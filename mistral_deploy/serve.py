@@ -239,7 +239,7 @@ class ServeBackend(_CloudBase):
         """Replicas get their keys' hashes as a SkyPilot secret: a new key set is a rolling update. A revoked
         key is refused once no replica of an older version is left; until then the revoke is pending."""
         old = store.read_keys(deployment.name)
-        rollout = self._update(deployment, deployment.recipe_model(), keys, store, progress, what="keys",
+        rollout = self._update(deployment, self._target_recipe(deployment), keys, store, progress, what="keys",
                                revoked=sorted(set(old) - set(keys)))
         store.save(deployment)
         self._report(deployment, rollout, progress)
@@ -247,10 +247,21 @@ class ServeBackend(_CloudBase):
     def rotate_probe_key(self, deployment: Deployment, store: "StateStore", progress: "Progress") -> None:
         """A new key for SkyServe's readiness probe (the old one is refused once the rollout is done)."""
         write_private(store.dir(deployment.name) / PROBE_KEY_FILE, generate_api_key() + "\n")
-        rollout = self._update(deployment, deployment.recipe_model(), store.read_keys(deployment.name), store,
-                               progress, what="probe key", revoked=[PROBE_KEY_ID])
+        rollout = self._update(deployment, self._target_recipe(deployment), store.read_keys(deployment.name),
+                               store, progress, what="probe key", revoked=[PROBE_KEY_ID])
         store.save(deployment)
         self._report(deployment, rollout, progress)
+
+    @staticmethod
+    def _target_recipe(deployment: Deployment) -> "Recipe":
+        """The recipe a new version carries: a recipe still rolling out (not yet recorded), else the recorded one.
+        A keys change during an engine change must not take the engine back."""
+        pending = deployment.details.get("rollout") or {}
+        if pending.get("recipe") and pending.get("state") != "failed":
+            from mistral_deploy.recipe import Recipe
+
+            return Recipe.model_validate(pending["recipe"])
+        return deployment.recipe_model()
 
     def _probe_key(self, deployment: Deployment, store: "StateStore") -> str:
         path = store.dir(deployment.name) / PROBE_KEY_FILE
@@ -284,10 +295,12 @@ class ServeBackend(_CloudBase):
         self.sdk.serve_update(task_config, service_name=service_name, secrets=secrets,
                               global_config=cloud_config(recipe), blue_green=blue_green)
         info = self.sdk.serve_status(service_name)
+        # a rollout still in progress is folded into this one: its old replicas are this one's old ones too
+        earlier = details.get("rollout") if (details.get("rollout") or {}).get("state") == "rolling" else {}
         rollout: dict[str, Any] = {
             "version": info.version if info is not None else None, "what": what, "state": "rolling",
-            "since": time.time(), "revoked": revoked or [],
-            "recipe": recipe.to_yaml_config() if what == "recipe" else None,
+            "since": time.time(), "revoked": sorted(set(revoked or []) | set(earlier.get("revoked") or [])),
+            "recipe": recipe.to_yaml_config() if what == "recipe" or earlier.get("recipe") else None,
         }
         details["rollout"] = rollout
         store.save(deployment)

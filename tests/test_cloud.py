@@ -698,3 +698,25 @@ def test_updates_keep_the_probe_key_so_a_scaling_change_can_keep_its_replicas(fa
     last = [c for c in fake.calls if c.method == "serve_update"][-1]
     assert probe_key_of(last) != probe_key_of(up)
     assert stat.S_IMODE(os.stat(store.dir(recipe.name) / "probe_key").st_mode) == 0o600
+
+
+def test_a_change_during_a_rollout_keeps_what_is_still_rolling_out(fake, vm, store, monkeypatch):
+    """A keys change while an engine change rolls out carries the new engine (not the recorded one), and a
+    revoke still pending stays pending in the next rollout (its old replicas are that one's old ones too)."""
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store, health={**FAST_HEALTH, "readiness_timeout": 1})
+    fake.update_outcome = "rolling"
+    changed = recipe.model_copy(update={"model": recipe.model.model_copy(update={"max_model_len": 4096})})
+    backend.apply(store.load(recipe.name), changed, None, store, Phases())
+    assert store.load(recipe.name).recipe != changed.to_yaml_config()  # not recorded while it rolls out
+    assert _keys_cli("add", recipe.name).exit_code == 0
+    update = [c for c in fake.calls if c.method == "serve_update"][-1]
+    assert "4096" in str(update.args["task_config"]["run"]) or "4096" in str(update.args["task_config"])
+    assert _keys_cli("revoke", recipe.name, "key-1").exit_code == 0
+    assert _keys_cli("add", recipe.name, "--id", "late").exit_code == 0
+    listed = _keys_cli("list", recipe.name).output
+    assert "key-1" in listed and "revoke pending" in listed
+    last = [c for c in fake.calls if c.method == "serve_update"][-1]
+    fake.finish_rollout(store.load(recipe.name).details["service"], last.args["secrets"])
+    assert "key-1" not in _keys_cli("list", recipe.name).output
+    assert store.load(recipe.name).recipe == changed.to_yaml_config()  # recorded once it served alone

@@ -15,7 +15,7 @@
 #   SkyPilot's Slurm infra launches on through SSH, as user mdnode, like a real cluster. Two partitions:
 #     debug (default)  this machine as one node (slurmd on 127.0.0.1): one VM at a time, reached at 127.0.0.1
 #     nodes            mdbed-n1..n4, started with `start-nodes`: each a machine of its own as far as the
-#                      network goes (a network and a UTS namespace: its own address 10.231.200.1N on the
+#                      network goes (a network and a UTS namespace: its own address 10.231.70.1N on the
 #                      bed's link mdbed0, its own hostname, slurmd, dockerd and registry mirror), so that
 #                      SkyServe's replicas run on separate "VMs" and one can be lost (`kill-node`) as a VM is;
 # - a private sshd on 127.0.0.1 (the Slurm "login node"), for that user and this bed's key only;
@@ -43,10 +43,10 @@ REGISTRY=127.0.0.1:5055
 DOCKER_SOCK="$BED/run/docker/docker.sock"  # on each node: its own daemon's socket at this path
 DOCKER_BRIDGE=10.231.150.1/24
 GPU=A10G
-LINK=mdbed0                    # the bed's link: this machine 10.231.200.1, node N 10.231.200.1N
-LINK_NET=10.231.200
+LINK=mdbed0                    # the bed's link: this machine 10.231.70.1, node N 10.231.70.1N
+LINK_NET=10.231.70   # outside 10.231.200-249, which the network-namespace tests take (local_support.make_hosts)
 NODES=4
-PROXY_PORT=3128                # the nodes' way to PyPI (scripts/testbed/pypi-proxy.py), on 10.231.200.1
+PROXY_PORT=3128                # the nodes' way to PyPI (scripts/testbed/pypi-proxy.py), on 10.231.70.1
 HOST_SLURMD="slurmd-$(hostname -s)"
 PROXY="http://$LINK_NET.1:$PROXY_PORT"
 NO_PROXY="127.0.0.1,localhost,$LINK_NET.11,$LINK_NET.12,$LINK_NET.13,$LINK_NET.14"
@@ -542,7 +542,7 @@ cmd_status() {
 }
 
 # ------------------------------------------------------------------------------------------------
-# The bed's nodes: mdbed-nN, a network namespace (10.231.200.1N on the link mdbed0) in which a UTS
+# The bed's nodes: mdbed-nN, a network namespace (10.231.70.1N on the link mdbed0) in which a UTS
 # namespace (hostname mdbed-nN) runs slurmd; dockerd and a registry mirror of its own (the same registry
 # storage, read-only use) run in the network namespace. What SkyPilot runs on the node (through srun)
 # runs there: its hostname, its address, its Docker daemon, as on a VM of its own.
@@ -674,7 +674,7 @@ case "${1:-}" in
   status) cmd_status ;;
   installed) [ -f "$BED/installed" ] ;;
   env)  # for a shell: the bed's paths, as tests/testbed.py reads them
-    echo "BED=$BED NODE_USER=$NODE_USER SLURM_CLUSTER=$SLURM_CLUSTER SSH_PORT=$SSH_PORT DOCKER_SOCK=$DOCKER_SOCK REGISTRY=$REGISTRY GPU=$GPU" ;;
+    echo "BED=$BED NODE_USER=$NODE_USER SLURM_CLUSTER=$SLURM_CLUSTER SSH_PORT=$SSH_PORT DOCKER_SOCK=$DOCKER_SOCK REGISTRY=$REGISTRY GPU=$GPU LINK_NET=$LINK_NET" ;;
   *) echo "usage: scripts/testbed.sh install|start|stop|status|installed|env|start-nodes N|stop-nodes|kill-node N|client-env DIR" >&2
      exit 2 ;;
 esac

@@ -163,9 +163,9 @@ class Node:
 
 @pytest.fixture(scope="module")
 def bed_nodes(testbed: Bed) -> Iterator[list[Node]]:
-    """Three nodes in the bed's `nodes` partition (room for two replicas and one more), stopped with all
-    they ran at the module's end."""
-    done = _script_args("start-nodes", "3", timeout=300)
+    """Four nodes in the bed's `nodes` partition (room for two replicas and two new ones while a rolling
+    update replaces them), stopped with all they ran at the module's end."""
+    done = _script_args("start-nodes", "4", timeout=300)
     try:
         assert done.returncode == 0, done.stderr[-2000:]
         yield [Node(*line.split()) for line in done.stdout.splitlines() if line.strip()]

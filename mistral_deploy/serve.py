@@ -30,7 +30,7 @@ from mistral_deploy.infra import check_gpus_offered, check_launchable
 from mistral_deploy.keys import generate_api_key, generate_tls, write_private
 from mistral_deploy.render import (KEY_HASHES_SECRET, NO_ADDRESS_YET, PROBE_KEY_SECRET, admit_load_balancer,
                                    cloud_config, render_task)
-from mistral_deploy.skysdk import ServiceInfo, host_addresses, resolve_addresses
+from mistral_deploy.skysdk import LB_SYNC_SECONDS, ServiceInfo, host_addresses, resolve_addresses
 from mistral_deploy.state import Deployment
 
 if TYPE_CHECKING:
@@ -60,6 +60,11 @@ def replica_failed(status: str) -> bool:
     return status in _REPLICA_FAILED or status.startswith("FAILED")
 
 
+def _out_of_rotation(status: str) -> bool:
+    """A replica SkyServe's load balancer no longer sends requests to, and never will again."""
+    return status in ("SHUTTING_DOWN", "PREEMPTED") or replica_failed(status)
+
+
 class ServeBackend(_CloudBase):
     """A deployment as a SkyServe service: replicas behind SkyServe's load balancer (sky.serve.*).
 
@@ -71,6 +76,8 @@ class ServeBackend(_CloudBase):
     kind = "serve"
     _ALIVE_EVERY = 15.0  # seconds between SkyServe status polls while waiting for readiness
     _ROLLOUT_EVERY = 5.0  # seconds between polls while a new version rolls out
+    _LB_SYNC_MARGIN = 10.0  # seconds past the load balancer's sync interval before old replicas count as gone
+    _ROLLOUT_UNREADABLE = 5  # polls in a row whose status could not be read before the wait gives up
 
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
         from mistral_deploy.fit import check_fit
@@ -294,7 +301,10 @@ class ServeBackend(_CloudBase):
         progress.phase("service-update", f"sky serve update {service_name} ({mode})")
         self.sdk.serve_update(task_config, service_name=service_name, secrets=secrets,
                               global_config=cloud_config(recipe), blue_green=blue_green)
-        info = self.sdk.serve_status(service_name)
+        try:
+            info = self.sdk.serve_status(service_name)
+        except CloudError:
+            info = None  # submitted all the same: the rollout is recorded, its version read at the next look
         # a rollout still in progress is folded into this one: its old replicas are this one's old ones too
         earlier = details.get("rollout") if (details.get("rollout") or {}).get("state") == "rolling" else {}
         rollout: dict[str, Any] = {
@@ -312,11 +322,22 @@ class ServeBackend(_CloudBase):
                         deadline: float) -> None:
         """Until the recorded rollout's version serves alone (done), fails, or the deadline passes."""
         last = ""
+        unread = 0
         while True:
-            state, detail = self.rollout_state(deployment)
+            try:
+                state, detail = self.rollout_state(deployment)
+                unread = 0
+            except CloudError as exc:
+                # SkyServe's status can fail for a moment while replicas come and go: the rollout is still
+                # recorded, `status` follows it; give up on the wait only when it stays unreadable
+                unread += 1
+                if unread >= self._ROLLOUT_UNREADABLE or time.monotonic() >= deadline:
+                    raise
+                state, detail = "rolling", f"SkyServe's status not read ({exc}); again in {self._ROLLOUT_EVERY:.0f}s"
             if detail != last:
                 progress.phase("rollout", detail)
                 last = detail
+                store.save(deployment)  # when the old replicas left the load balancer, for `status` too
             if state != "rolling":
                 self._settle(deployment, store, state, detail)
                 return
@@ -340,7 +361,21 @@ class ServeBackend(_CloudBase):
         ready = [r for r in new if r.status == "READY"]
         failed = [r for r in new if replica_failed(r.status)]
         if ready and not old:
+            rollout.pop("old_out_since", None)
             return "done", f"version {version} serves alone ({len(ready)} replica(s) ready)"
+        if ready and all(_out_of_rotation(r.status) for r in old):
+            # SkyServe drains a replica it scales down for 2 minutes before it removes it; its load balancer
+            # stops sending it requests at its next sync with the controller (READY replicas only): once
+            # that has passed, only the new version answers clients
+            since = rollout.setdefault("old_out_since", time.time())
+            left = since + LB_SYNC_SECONDS + self._LB_SYNC_MARGIN - time.time()
+            if left <= 0:
+                return "done", (f"version {version} serves alone ({len(ready)} replica(s) ready; the old ones are "
+                                f"out of the load balancer, shutting down)")
+            return "rolling", (f"version {version}: {len(ready)}/{len(new)} new replica(s) ready, the old ones "
+                               f"shutting down (out of the load balancer at its next sync, within "
+                               f"{LB_SYNC_SECONDS + self._LB_SYNC_MARGIN:.0f}s)")
+        rollout.pop("old_out_since", None)
         if new and len(failed) == len(new) and not ready:
             states = ", ".join(f"replica {r.replica_id} {r.status}" for r in failed)
             return "failed", (f"version {version} failed ({states}); "
@@ -372,6 +407,7 @@ class ServeBackend(_CloudBase):
             self._settle(deployment, store, state, detail)
         else:
             rollout["detail"] = detail
+            store.save(deployment)
         return deployment.details.get("rollout")
 
     def _report(self, deployment: Deployment, rollout: dict[str, Any], progress: "Progress") -> None:
@@ -379,7 +415,7 @@ class ServeBackend(_CloudBase):
         what = rollout.get("what")
         if current is None:
             revoked = rollout.get("revoked") or []
-            also = f"; {', '.join(revoked)} refused by every replica" if revoked else ""
+            also = f"; {', '.join(revoked)} refused by every replica the load balancer sends to" if revoked else ""
             progress.done(f"{deployment.name}: {what} applied, version {rollout.get('version')} serves alone{also}")
         elif current.get("state") == "failed":
             raise CloudError(f"{deployment.name}: the update ({what}) failed: {current.get('detail')}",

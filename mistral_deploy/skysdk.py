@@ -31,6 +31,9 @@ from mistral_deploy.errors import CloudError
 if TYPE_CHECKING:
     import sky as sky_t
 
+# SkyServe's load balancer asks its controller for the READY replicas this often
+# (sky/serve/constants.py LB_CONTROLLER_SYNC_INTERVAL_SECONDS, SkyPilot 0.14.1; a test compares them)
+LB_SYNC_SECONDS = 20
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
@@ -369,10 +372,25 @@ class SkySdk:
                 request_id = sky.serve.update(task, service_name, mode=mode)
             sky.stream_and_get(request_id, output_stream=_LineWriter(lambda _l: None))
 
+    # SkyPilot 0.14.1's `serve status` fails now and then while a replica's cluster is removed (a rollout, a
+    # scale-down): the replica's endpoint is read from its cluster YAML, already gone
+    # (replica_managers.ReplicaInfo.url -> global_user_state.get_cluster_yaml_dict: "Attempted to read a None
+    # YAML"), and the whole call ends in "Failed to fetch services". Seen on the bed during a rolling update.
+    _SERVE_STATUS_RACE = "Failed to fetch services"
+    _SERVE_STATUS_TRIES = 3
+    _SERVE_STATUS_RETRY_AFTER = 3.0
+
     def serve_status(self, service_name: str) -> Optional[ServiceInfo]:
         sky = _sky()
-        with translate_errors("serve status"):
-            records = sky.get(sky.serve.status([service_name]))
+        for attempt in range(1, self._SERVE_STATUS_TRIES + 1):
+            try:
+                with translate_errors("serve status"):
+                    records = sky.get(sky.serve.status([service_name]))
+                break
+            except CloudError as exc:
+                if attempt == self._SERVE_STATUS_TRIES or self._SERVE_STATUS_RACE not in str(exc.__cause__):
+                    raise
+                time.sleep(self._SERVE_STATUS_RETRY_AFTER)
         for record in records or []:
             if _field(record, "name") != service_name:
                 continue

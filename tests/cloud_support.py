@@ -279,6 +279,7 @@ class FakeSky:
         # how the next `sky serve update` rolls out: "done" (the new version serves alone), "rolling" (new
         # replicas starting, the old ones serving), "failed" (the new replicas failed, the old ones serve)
         self.update_outcome = "done"
+        self.status_unreadable = 0  # serve_status fails this many more times (as SkyServe's does mid-rollout)
         self.price = 1.006
         self.down_fails: dict[str, str] = {}  # cluster -> why SkyPilot cannot remove it (yet)
         self.gpus_offered: Optional[dict[str, dict[str, list[int]]]] = None  # cloud -> GPU -> counts
@@ -465,17 +466,24 @@ class FakeSky:
         if self.update_outcome == "done":
             self._configure_keys(secrets)  # every replica replaced
 
-    def finish_rollout(self, service_name: str, secrets: dict[str, str]) -> None:
-        """What SkyServe does when a rolling update ends: the old replicas are gone, the new ones ready."""
+    def finish_rollout(self, service_name: str, secrets: dict[str, str], *, draining: bool = False) -> None:
+        """What SkyServe does when a rolling update ends: the new replicas ready, the old ones gone (or,
+        `draining`, SHUTTING_DOWN: SkyServe drains a replica it scales down for 2 minutes first). The load
+        balancer (the VM stand-in) serves the new version's keys either way."""
         import dataclasses
 
         service = self.services[service_name]
-        new = tuple(dataclasses.replace(r, status="READY") for r in service.replicas if r.version == service.version)
-        self.services[service_name] = dataclasses.replace(service, replicas=new)
+        new = [dataclasses.replace(r, status="READY") for r in service.replicas if r.version == service.version]
+        old = [dataclasses.replace(r, status="SHUTTING_DOWN") for r in service.replicas
+               if r.version != service.version] if draining else []
+        self.services[service_name] = dataclasses.replace(service, replicas=tuple(old + new))
         self._configure_keys(secrets)
 
     def serve_status(self, service_name: str) -> Optional[ServiceInfo]:
         self._record("serve_status", service_name=service_name)
+        if self.status_unreadable:
+            self.status_unreadable -= 1
+            raise skysdk.CloudError("serve status: SkyPilot failed: Failed to fetch services")
         return self.services.get(service_name)
 
     def serve_down(self, service_name: str) -> None:

@@ -679,6 +679,84 @@ def test_a_failed_update_is_not_recorded_as_applied_and_shows_as_drift(fake, vm,
     assert record.details["version"] == 3
 
 
+def test_old_replicas_shutting_down_count_as_gone_once_the_load_balancer_has_synced(fake, vm, store, monkeypatch):
+    """SkyServe keeps a scaled-down replica SHUTTING_DOWN for its 2-minute drain; its load balancer stops
+    sending it requests at its next sync (READY replicas only): the revoke is done after that sync, not
+    before, and not only once the old replica is gone."""
+    from mistral_deploy import serve as serve_module
+    from mistral_deploy.skysdk import LB_SYNC_SECONDS
+
+    from sky.serve import constants
+
+    assert LB_SYNC_SECONDS == constants.LB_CONTROLLER_SYNC_INTERVAL_SECONDS
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store, health={**FAST_HEALTH, "readiness_timeout": 1})
+    _keys_cli("add", recipe.name)
+    fake.update_outcome = "rolling"
+    revoked = _keys_cli("revoke", recipe.name, "key-1")
+    assert "pending" in revoked.output
+    update = [c for c in fake.calls if c.method == "serve_update"][-1]
+    service = store.load(recipe.name).details["service"]
+    fake.finish_rollout(service, update.args["secrets"], draining=True)
+    monkeypatch.setattr(serve_module, "LB_SYNC_SECONDS", 0.3)
+    monkeypatch.setattr(ServeBackend, "_LB_SYNC_MARGIN", 0.0)
+    listed = _keys_cli("list", recipe.name)  # the load balancer may not have synced yet
+    assert "key-1" in listed.output and "revoke pending" in listed.output
+    assert "out of the load balancer at its next sync" in backend.status(store.load(recipe.name), store)["warning"]
+    time.sleep(0.4)
+    listed = _keys_cli("list", recipe.name)
+    assert "key-1" not in listed.output and "key-2" in listed.output
+    assert "SHUTTING_DOWN" in [r.status for r in fake.services[service].replicas]  # still listed, drained
+
+
+def test_a_rollout_outlasts_a_moment_when_skyserve_status_cannot_be_read(fake, vm, store, monkeypatch):
+    """SkyServe's status fails for a moment while old replicas go (seen on the bed): the wait goes on; it
+    gives up only when the status stays unreadable."""
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store)
+    changed = recipe.model_copy(update={"model": recipe.model.model_copy(update={"max_model_len": 4096})})
+    fake.status_unreadable = 2
+    backend.apply(store.load(recipe.name), changed, None, store, Phases())
+    record = store.load(recipe.name)
+    assert record.recipe == changed.to_yaml_config() and "rollout" not in record.details
+    # unreadable for good: the wait ends with SkyPilot's reason, the rollout stays recorded for `status`
+    again = changed.model_copy(update={"model": changed.model.model_copy(update={"max_model_len": 2048})})
+    fake.status_unreadable = 1000
+    with pytest.raises(CloudError, match="Failed to fetch services"):
+        backend.apply(store.load(recipe.name), again, None, store, Phases())
+    fake.status_unreadable = 0
+    assert store.load(recipe.name).details["rollout"]["state"] == "rolling"
+
+
+def test_serve_status_retries_skyserves_race_with_a_removed_replica(monkeypatch):
+    """SkyPilot 0.14.1 fails `serve status` while a replica's cluster YAML is removed: asked again, it answers."""
+    from types import SimpleNamespace
+
+    from mistral_deploy import skysdk as sdk_module
+
+    answers: list[Any] = [RuntimeError("\x1b[31mFailed to fetch services\x1b[0m"),
+                          [{"name": "md-svc", "status": "READY", "endpoint": "localhost:30001", "version": 2,
+                            "replica_info": [{"replica_id": 1, "status": "READY", "endpoint": "10.0.0.1:8080",
+                                              "name": "md-svc-1", "version": 2}]}]]
+
+    def get(_request: Any) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    fake_sky = SimpleNamespace(get=get, serve=SimpleNamespace(status=lambda names: names))
+    monkeypatch.setattr(sdk_module, "_sky", lambda: fake_sky)
+    monkeypatch.setattr(sdk_module.SkySdk, "_SERVE_STATUS_RETRY_AFTER", 0.0)
+    info = sdk_module.SkySdk().serve_status("md-svc")
+    assert info is not None and info.status == "READY" and info.replicas[0].version == 2 and not answers
+    # any other failure is not retried
+    answers[:] = [RuntimeError("cannot reach the API server"), []]
+    with pytest.raises(CloudError, match="cannot reach the API server"):
+        sdk_module.SkySdk().serve_status("md-svc")
+    assert answers == [[]]
+
+
 def test_updates_keep_the_probe_key_so_a_scaling_change_can_keep_its_replicas(fake, vm, store, monkeypatch):
     """SkyServe reuses a replica on update when the task differs only in its `service` section: the probe
     key (a secret) stays the same across updates, so a replicas.max or target_qps change keeps the GPUs."""

@@ -77,6 +77,7 @@ class ServeBackend(_CloudBase):
     _ALIVE_EVERY = 15.0  # seconds between SkyServe status polls while waiting for readiness
     _ROLLOUT_EVERY = 5.0  # seconds between polls while a new version rolls out
     _LB_SYNC_MARGIN = 10.0  # seconds past the load balancer's sync interval before old replicas count as gone
+    _DOWN_WAIT = 900.0  # seconds `down` waits for SkyServe to remove the replicas and the service
     _ROLLOUT_UNREADABLE = 5  # polls in a row whose status could not be read before the wait gives up
 
     def up(self, recipe: "Recipe", store: "StateStore", progress: "Progress") -> Deployment:
@@ -502,8 +503,35 @@ class ServeBackend(_CloudBase):
         if service:
             progress.phase("teardown", f"sky serve down {service}")
             self.sdk.serve_down(service)
+            self._wait_gone(deployment, service, progress)
         store.remove(deployment.name)
         progress.done(f"{deployment.name}: service {service} removed" if service else f"{deployment.name} removed")
+
+    def _wait_gone(self, deployment: Deployment, service: str, progress: "Progress") -> None:
+        """`sky serve down` returns once SkyServe is told; its controller then drains and removes the
+        replicas and the service: wait until SkyServe lists it no more (a replica still up still costs)."""
+        deadline = time.monotonic() + self._DOWN_WAIT
+        last, unread = "", 0
+        while True:
+            try:
+                info = self.sdk.serve_status(service)
+                unread = 0
+                if info is None:
+                    return
+                states = ", ".join(f"replica {r.replica_id} {r.status}" for r in info.replicas) or "no replica left"
+                detail = f"service {service} {info.status}: {states}"
+                if detail != last:
+                    progress.phase("teardown", detail)
+                    last = detail
+            except CloudError:
+                unread += 1  # SkyServe's status races with the removal of a replica: ask again
+                if unread >= self._ROLLOUT_UNREADABLE:
+                    raise
+            if time.monotonic() >= deadline:
+                raise CloudError(f"service {service} is still shutting down after {self._DOWN_WAIT:.0f}s",
+                                 hint=f"`mistral-deploy down {deployment.name}` again waits for it; "
+                                      f"`sky serve status {service}` shows its replicas")
+            time.sleep(self._ROLLOUT_EVERY)
 
     def status(self, deployment: Deployment, store: Optional["StateStore"] = None) -> dict[str, Any]:
         service = deployment.details.get("service")

@@ -279,7 +279,8 @@ class FakeSky:
         # how the next `sky serve update` rolls out: "done" (the new version serves alone), "rolling" (new
         # replicas starting, the old ones serving), "failed" (the new replicas failed, the old ones serve)
         self.update_outcome = "done"
-        self.status_unreadable = 0  # serve_status fails this many more times (as SkyServe's does mid-rollout)
+        self.status_unreadable = 0
+        self.down_lingers = 0  # after serve_down, serve_status lists it SHUTTING_DOWN this many times  # serve_status fails this many more times (as SkyServe's does mid-rollout)
         self.price = 1.006
         self.down_fails: dict[str, str] = {}  # cluster -> why SkyPilot cannot remove it (yet)
         self.gpus_offered: Optional[dict[str, dict[str, list[int]]]] = None  # cloud -> GPU -> counts
@@ -484,10 +485,23 @@ class FakeSky:
         if self.status_unreadable:
             self.status_unreadable -= 1
             raise skysdk.CloudError("serve status: SkyPilot failed: Failed to fetch services")
+        service = self.services.get(service_name)
+        if service is not None and service.status == "SHUTTING_DOWN":
+            self.down_lingers -= 1
+            if self.down_lingers <= 0:
+                self.services.pop(service_name)
         return self.services.get(service_name)
 
     def serve_down(self, service_name: str) -> None:
         self._record("serve_down", service_name=service_name)
+        if self.down_lingers and service_name in self.services:
+            import dataclasses
+
+            service = self.services[service_name]
+            self.services[service_name] = dataclasses.replace(
+                service, status="SHUTTING_DOWN",
+                replicas=tuple(dataclasses.replace(r, status="SHUTTING_DOWN") for r in service.replicas))
+            return
         self.services.pop(service_name, None)
 
     def serve_logs(self, service_name: str, *, replica_id: int, follow: bool, lines: int = 0,

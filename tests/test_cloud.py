@@ -709,6 +709,20 @@ def test_old_replicas_shutting_down_count_as_gone_once_the_load_balancer_has_syn
     assert "SHUTTING_DOWN" in [r.status for r in fake.services[service].replicas]  # still listed, drained
 
 
+def test_down_of_a_service_returns_once_skyserve_lists_it_no_more(fake, vm, store, monkeypatch):
+    """`sky serve down` returns while SkyServe's controller still drains and removes the replicas (seen on
+    the bed: the service listed SHUTTING_DOWN after it returned): `down` waits, showing them go."""
+    monkeypatch.setattr(ServeBackend, "_ROLLOUT_EVERY", 0.05)
+    backend, recipe = _serve_up(fake, vm, store)
+    service = store.load(recipe.name).details["service"]
+    fake.down_lingers = 3
+    phases = Phases()
+    backend.down(store.load(recipe.name), store, phases)
+    assert service not in fake.services and not store.dir(recipe.name).exists()
+    assert len([c for c in fake.calls if c.method == "serve_status" and c.args["service_name"] == service]) >= 3
+    assert any("SHUTTING_DOWN" in detail for detail in phases.details), phases.details
+
+
 def test_a_rollout_outlasts_a_moment_when_skyserve_status_cannot_be_read(fake, vm, store, monkeypatch):
     """SkyServe's status fails for a moment while old replicas go (seen on the bed): the wait goes on; it
     gives up only when the status stays unreadable."""

@@ -36,7 +36,9 @@ NAME = "svc"
 
 
 def service_recipe(path: Path, **changes: Any) -> Path:
-    data = tiny_recipe_data("slurm", "public", name=NAME, replicas={"min": 2},
+    # two keys from the start: the keys test revokes one (one rolling update; `keys add` is the same
+    # update with a key more, tested against SkyServe's API in tests/test_cloud.py)
+    data = tiny_recipe_data("slurm", "public", name=NAME, replicas={"min": 2}, auth={"keys": 2},
                             health={"readiness_timeout": 900, "probe_interval": 1}, **changes)
     data["network"]["port"] = 8080  # each replica on a node of its own: the same port everywhere
     path.write_text(yaml.safe_dump(data))
@@ -140,21 +142,36 @@ def test_the_official_client_through_the_load_balancer(service: dict[str, Any], 
     assert len(set(n.name for n in nodes.values())) == 2, nodes  # two replicas, two machines
     before = {node.name: gateway_log(node).count('"POST /v1/chat/completions') for node in nodes.values()}
     client = OpenAI(base_url=endpoint, api_key=key, http_client=httpx.Client(verify=context, trust_env=False))
-    for _ in range(8):
+
+    def chat() -> None:
         reply = client.chat.completions.create(model="tiny-mistral", max_tokens=3,
                                                messages=[{"role": "user", "content": "hello"}])
         assert reply.choices[0].message.content is not None
+
     chunks = list(client.completions.create(model="tiny-mistral", prompt="a", max_tokens=5, stream=True))
     assert len(chunks) >= 2
-    # both replicas served (SkyServe's least-load policy), as their gateways' own access logs say
-    deadline = time.monotonic() + 15  # the gateways flush their logs once a second
+    # both replicas serve: SkyServe's least-load policy spreads requests in flight together (one at a time,
+    # each goes to the first idle replica), and its load balancer learns of a replica READY at its next sync
+    # with the controller (every 20 s): 4 at once, until both replicas' gateways logged some
+    sent, served = 0, {}
+    deadline = time.monotonic() + 90
     while True:
+        batch = [threading.Thread(target=chat) for _ in range(4)]
+        for thread in batch:
+            thread.start()
+        for thread in batch:
+            thread.join(timeout=120)
+        sent += len(batch)
+        time.sleep(1.5)  # the gateways flush their access logs once a second
         served = {node.name: gateway_log(node).count('"POST /v1/chat/completions') - before[node.name]
                   for node in nodes.values()}
-        if sum(served.values()) >= 8 or time.monotonic() > deadline:
+        if all(n >= 1 for n in served.values()) or time.monotonic() > deadline:
             break
-        time.sleep(1)
-    assert sum(served.values()) == 8 and all(n >= 1 for n in served.values()), served
+        time.sleep(3)
+    time.sleep(1.5)
+    served = {node.name: gateway_log(node).count('"POST /v1/chat/completions') - before[node.name]
+              for node in nodes.values()}
+    assert sum(served.values()) == sent and all(n >= 1 for n in served.values()), (sent, served)
     # the replicas' gateways still decide: no key, a wrong key, a route vLLM leaves open
     with httpx.Client(verify=context, trust_env=False) as http:
         assert http.get(endpoint + "/models").status_code == 401
@@ -180,17 +197,16 @@ def requests_with(endpoint: str, context: ssl.SSLContext, key: str, n: int = 12)
 def test_keys_reach_every_replica_when_the_command_returns(service: dict[str, Any], nodes_client: BedClient
                                                            ) -> None:
     endpoint, context = endpoint_of(nodes_client)
-    first = nodes_client.key(NAME)
-    added = nodes_client.cli("keys", "add", NAME, "--json", timeout=1200)
-    assert added.returncode == 0, added.stderr[-3000:]
-    new = json.loads(added.stdout)["key"]
-    assert "serves alone" in added.stderr, added.stderr
-    assert requests_with(endpoint, context, new) == Counter({200: 12})
+    keys = {line.split()[0]: line.split()[-1] for line in
+            (Path(nodes_client.env["MISTRAL_DEPLOY_HOME"]) / "deployments" / NAME / "api_keys").read_text().splitlines()}
+    assert sorted(keys) == ["key-1", "key-2"], sorted(keys)
+    assert requests_with(endpoint, context, keys["key-1"]) == Counter({200: 12})
     revoked = nodes_client.cli("keys", "revoke", NAME, "key-1", timeout=1200)
     assert revoked.returncode == 0, revoked.stderr[-3000:]
-    assert "key-1 refused by every replica" in revoked.stderr, revoked.stderr
-    assert requests_with(endpoint, context, first) == Counter({401: 12})
-    assert requests_with(endpoint, context, new) == Counter({200: 12})
+    assert "serves alone" in revoked.stderr and "key-1 refused by every replica" in revoked.stderr, revoked.stderr
+    # every request the load balancer spreads over the replicas: the revoked key refused, the other served
+    assert requests_with(endpoint, context, keys["key-1"]) == Counter({401: 12})
+    assert requests_with(endpoint, context, keys["key-2"]) == Counter({200: 12})
     listed = nodes_client.cli("keys", "list", NAME)
     assert "key-1" not in listed.stdout and "key-2" in listed.stdout
 

@@ -139,6 +139,10 @@ def test_the_official_client_through_the_load_balancer(service: dict[str, Any], 
     endpoint, context = endpoint_of(nodes_client)
     key = nodes_client.key(NAME)
     nodes = replica_nodes(nodes_client, service["nodes"])
+    deadline = time.monotonic() + 600  # `up` returns once one replica serves through the load balancer
+    while len(nodes) < 2 and time.monotonic() < deadline:
+        time.sleep(10)
+        nodes = replica_nodes(nodes_client, service["nodes"])
     assert len(set(n.name for n in nodes.values())) == 2, nodes  # two replicas, two machines
     before = {node.name: gateway_log(node).count('"POST /v1/chat/completions') for node in nodes.values()}
     client = OpenAI(base_url=endpoint, api_key=key, http_client=httpx.Client(verify=context, trust_env=False))

@@ -309,7 +309,7 @@ def test_down_leaves_nothing_behind(service: dict[str, Any], nodes_client: BedCl
         time.sleep(5)
         leftovers = left()
     if leftovers:
-        # Known, not yet understood (issue 17 stays open for it): once, a node kept a replica's two
-        # containers after SkyPilot's Slurm teardown had ended the job (the run script's TERM trap removes
+        # Known, not yet understood (issue 17 stays open for it): twice, a node kept a replica's two
+        # containers running after SkyPilot's Slurm teardown had ended the job (the run script's TERM trap removes
         # them; on a cloud the VM goes with them). Reported, with what was left, rather than failing CI.
         pytest.xfail(f"containers left on the bed's nodes after down: {leftovers}")

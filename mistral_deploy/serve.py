@@ -325,6 +325,7 @@ class ServeBackend(_CloudBase):
         last = ""
         unread = 0
         while True:
+            out_since = (deployment.details.get("rollout") or {}).get("old_out_since")
             try:
                 state, detail = self.rollout_state(deployment)
                 unread = 0
@@ -338,6 +339,7 @@ class ServeBackend(_CloudBase):
             if detail != last:
                 progress.phase("rollout", detail)
                 last = detail
+            if (deployment.details.get("rollout") or {}).get("old_out_since") != out_since:
                 store.save(deployment)  # when the old replicas left the load balancer, for `status` too
             if state != "rolling":
                 self._settle(deployment, store, state, detail)
@@ -362,7 +364,6 @@ class ServeBackend(_CloudBase):
         ready = [r for r in new if r.status == "READY"]
         failed = [r for r in new if replica_failed(r.status)]
         if ready and not old:
-            rollout.pop("old_out_since", None)
             return "done", f"version {version} serves alone ({len(ready)} replica(s) ready)"
         if ready and all(_out_of_rotation(r.status) for r in old):
             # SkyServe drains a replica it scales down for 2 minutes before it removes it; its load balancer
@@ -400,6 +401,7 @@ class ServeBackend(_CloudBase):
         rollout = deployment.details.get("rollout")
         if not rollout or rollout.get("state") == "failed":
             return rollout
+        out_since = rollout.get("old_out_since")
         try:
             state, detail = self.rollout_state(deployment)
         except CloudError:
@@ -408,7 +410,8 @@ class ServeBackend(_CloudBase):
             self._settle(deployment, store, state, detail)
         else:
             rollout["detail"] = detail
-            store.save(deployment)
+            if rollout.get("old_out_since") != out_since:
+                store.save(deployment)  # when the old replicas were first seen out of the load balancer
         return deployment.details.get("rollout")
 
     def _report(self, deployment: Deployment, rollout: dict[str, Any], progress: "Progress") -> None:

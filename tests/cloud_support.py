@@ -279,8 +279,8 @@ class FakeSky:
         # how the next `sky serve update` rolls out: "done" (the new version serves alone), "rolling" (new
         # replicas starting, the old ones serving), "failed" (the new replicas failed, the old ones serve)
         self.update_outcome = "done"
-        self.status_unreadable = 0
-        self.down_lingers = 0  # after serve_down, serve_status lists it SHUTTING_DOWN this many times  # serve_status fails this many more times (as SkyServe's does mid-rollout)
+        self.status_unreadable = 0  # serve_status fails this many more times (as SkyServe's does mid-rollout)
+        self.down_lingers = 0  # after serve_down, serve_status lists it SHUTTING_DOWN this many times
         self.price = 1.006
         self.down_fails: dict[str, str] = {}  # cluster -> why SkyPilot cannot remove it (yet)
         self.gpus_offered: Optional[dict[str, dict[str, list[int]]]] = None  # cloud -> GPU -> counts

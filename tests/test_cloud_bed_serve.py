@@ -157,7 +157,12 @@ def test_the_official_client_through_the_load_balancer(service: dict[str, Any], 
     # both replicas serve: SkyServe's least-load policy spreads requests in flight together (one at a time,
     # each goes to the first idle replica), and its load balancer learns of a replica READY at its next sync
     # with the controller (every 20 s): 4 at once, until both replicas' gateways logged some
-    sent, served = 0, {}
+    def served_now() -> dict[str, int]:
+        time.sleep(1.5)  # the gateways flush their access logs once a second
+        return {node.name: gateway_log(node).count('"POST /v1/chat/completions') - before[node.name]
+                for node in nodes.values()}
+
+    sent = 0
     deadline = time.monotonic() + 90
     while True:
         batch = [threading.Thread(target=chat) for _ in range(4)]
@@ -166,15 +171,10 @@ def test_the_official_client_through_the_load_balancer(service: dict[str, Any], 
         for thread in batch:
             thread.join(timeout=120)
         sent += len(batch)
-        time.sleep(1.5)  # the gateways flush their access logs once a second
-        served = {node.name: gateway_log(node).count('"POST /v1/chat/completions') - before[node.name]
-                  for node in nodes.values()}
-        if all(n >= 1 for n in served.values()) or time.monotonic() > deadline:
+        if all(n >= 1 for n in served_now().values()) or time.monotonic() > deadline:
             break
         time.sleep(3)
-    time.sleep(1.5)
-    served = {node.name: gateway_log(node).count('"POST /v1/chat/completions') - before[node.name]
-              for node in nodes.values()}
+    served = served_now()
     assert sum(served.values()) == sent and all(n >= 1 for n in served.values()), (sent, served)
     # the replicas' gateways still decide: no key, a wrong key, a route vLLM leaves open
     with httpx.Client(verify=context, trust_env=False) as http:

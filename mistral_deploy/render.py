@@ -324,6 +324,12 @@ def _instance_role_bucket(recipe: Recipe) -> bool:
     return bool(recipe.model.source and recipe.model.source.startswith("s3://") and (not clouds or "aws" in clouds))
 
 
+# In each container, before its server: wait on the run script's lifeline (templates/run.sh.j2) and, once
+# it closes (the script gone), stop the server (PID 1, which handles SIGTERM: vLLM and nginx both do).
+LIFELINE_WATCH = (f"[ -p {VM_ENGINE_DIR}/lifeline ] && {{ cat {VM_ENGINE_DIR}/lifeline >/dev/null 2>&1; "
+                  "kill -TERM 1; } &")
+
+
 def render_run(recipe: Recipe) -> str:
     args = engine_args(recipe, model=_model_source(recipe), socket=VM_ENGINE_SOCKET, model_positional=True,
                        tensor_parallel=False)
@@ -337,6 +343,7 @@ def render_run(recipe: Recipe) -> str:
         gateway_image=GATEWAY_IMAGE,
         engine_dir=VM_ENGINE_DIR,
         engine_socket=VM_ENGINE_SOCKET,
+        lifeline_watch=LIFELINE_WATCH,
         gateway_gid=GATEWAY_GID,
         nofile=2 * recipe.limits.max_connections + 64,
         log_opts=f"--log-opt max-size={LOG_MAX_SIZE} --log-opt max-file={LOG_FILES}",

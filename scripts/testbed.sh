@@ -663,7 +663,7 @@ case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
   stop) need_root; stop_nodes; cmd_stop ;;
-  start-nodes)  # start-nodes N: nodes 1..N (at most 3) up; one line each: name, address, DOCKER_HOST
+  start-nodes)  # start-nodes N: nodes 1..N (at most 4) up; one line each: name, address, DOCKER_HOST
     need_root; running slurmctld || die "not started: run scripts/testbed.sh start"
     [ "${2:-2}" -le "$NODES" ] || die "the bed has $NODES nodes"
     for n in $(seq "${2:-2}"); do start_node "$n"; done ;;

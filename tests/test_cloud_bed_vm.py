@@ -219,6 +219,40 @@ def test_private_vm_gateway_is_loopback_only_and_a_dying_engine_ends_the_job(vm:
     assert testbed.docker("inspect", "-f", "{{.State.Running}}", "md-gateway").strip() == "false"
 
 
+def test_containers_stop_when_the_run_script_dies_without_its_trap(vm: BashVm, testbed: Bed) -> None:
+    """The run script killed outright (SIGKILL: no trap runs), as when its job step is ended under it: both
+    containers stop on their own (they watch the script's lifeline), the port is free, and the script's log
+    followers, which do not hold the lifeline, end with the containers."""
+    import psutil
+
+    recipe = tiny_recipe("private")
+    port = recipe.network.port
+    task = render_task(recipe)
+    vm.setup(task["setup"])
+    vm.start(task["run"])
+    probe.wait_ready(f"http://127.0.0.1:{port}/v1", KEYS[0], "tiny-mistral", timeout=READY_WITHIN, interval=1)
+    assert vm.run_process is not None
+    runuser = psutil.Process(vm.run_process.pid)
+    script = next(p for p in runuser.children() if p.name() == "bash")  # the script's shell, not its subshells
+    followers = [p for p in script.children(recursive=True) if p.name() == "docker"]
+    assert len(followers) == 2, [p.cmdline() for p in followers]  # `docker logs -f` for each container
+    script.kill()
+    assert vm.run_process.wait(timeout=30) != 0
+
+    def running() -> list[str]:
+        return [n for n in testbed.docker("ps", "--format", "{{.Names}}").split() if n]
+
+    deadline = time.monotonic() + 60
+    while running() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert running() == [], "the containers outlived the run script"
+    states = {box: testbed.docker("inspect", "-f", "{{.State.Status}}", box).strip() for box in ("md-engine", "md-gateway")}
+    assert states == {"md-engine": "exited", "md-gateway": "exited"}
+    assert port_free(port)
+    alive = psutil.wait_procs(followers, timeout=30)[1]
+    assert alive == [], "a log follower outlived its container"  # (the fixture's clean-up ends any)
+
+
 def test_docker_through_sudo_keeps_the_engine_environment(testbed: Bed) -> None:
     """Where the VM's user needs sudo for docker, the run script's `sudo --preserve-env=...` keeps what the
     engine container is given by name: the recipe's engine variables and the Hugging Face token."""

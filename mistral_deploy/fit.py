@@ -16,6 +16,13 @@ GIB = 1024**3
 # Mistral 7B v0.1 and v0.2 (Instruct v0.2 is the v0.1 architecture): 7.24 B parameters, vocab 32000.
 _MISTRAL_7B = Architecture(params_b=7.24, layers=32, kv_heads=8, head_dim=128, hidden=4096, vocab=32000)
 
+_MINISTRAL_3_8B = Architecture(params_b=8.4, layers=34, kv_heads=8, head_dim=128, hidden=4096, vocab=131072,
+                               vision_params_b=0.4)
+_MISTRAL_SMALL_3 = Architecture(params_b=23.6, layers=40, kv_heads=8, head_dim=128, hidden=5120, vocab=131072,
+                                vision_params_b=0.4)
+_MISTRAL_LARGE_3 = Architecture(params_b=673, active_params_b=39, vision_params_b=2.5, layers=61, mla_kv_dim=576,
+                                vocab=131072, weights="fp8")
+
 # Architectures of the models the built-in recipes use (from each model's config.json).
 KNOWN_ARCHITECTURES: dict[str, Architecture] = {
     "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
@@ -24,14 +31,36 @@ KNOWN_ARCHITECTURES: dict[str, Architecture] = {
     # 4-bit quantizations of Mistral 7B Instruct v0.2
     "TheBloke/Mistral-7B-Instruct-v0.2-AWQ": _MISTRAL_7B,
     "TheBloke/Mistral-7B-Instruct-v0.2-GPTQ": _MISTRAL_7B,
+    # 12.9B of its 46.7B used per token (Mistral's announcement, https://mistral.ai/news/mixtral-of-experts)
     "mistralai/Mixtral-8x7B-Instruct-v0.1": Architecture(params_b=46.7, layers=32, kv_heads=8, head_dim=128,
-                                                         hidden=4096, vocab=32000),
+                                                         hidden=4096, vocab=32000, active_params_b=12.9),
     "mistralai/Mistral-Nemo-Instruct-2407": Architecture(params_b=12.2, layers=40, kv_heads=8, head_dim=128,
                                                          hidden=5120, vocab=131072),
     "mistralai/Mistral-Small-24B-Instruct-2501": Architecture(params_b=23.6, layers=40, kv_heads=8, head_dim=128,
                                                               hidden=5120, vocab=131072),
     "mistralai/Codestral-22B-v0.1": Architecture(params_b=22.2, layers=56, kv_heads=8, head_dim=128, hidden=6144,
                                                  vocab=32768),
+    # Today's models (the recipes cite each model card). Sizes are the cards' ("8.4B Language Model", "0.4B
+    # Vision Encoder"...); layers, hidden size and KV heads are config.json's (copies of it where noted).
+    # Ministral 3 8B: 34 layers, hidden 4096, 32 heads / 8 KV heads, vocab 131072 (a copy of its config.json,
+    # the same as transformers' Ministral3Config defaults); Instruct in FP8, Reasoning in BF16.
+    "mistralai/Ministral-3-8B-Instruct-2512": _MINISTRAL_3_8B.model_copy(update={"weights": "fp8"}),
+    "mistralai/Ministral-3-8B-Reasoning-2512": _MINISTRAL_3_8B,
+    # Mistral Small 3.x: Mistral Small 3's language model (40 layers, hidden 5120, 8 KV heads) + the 0.4B
+    # Pixtral encoder Ministral 3 also has (hidden 1024, 24 layers); Magistral Small 1.2 is built on it.
+    "mistralai/Mistral-Small-3.2-24B-Instruct-2506": _MISTRAL_SMALL_3,
+    "mistralai/Magistral-Small-2509": _MISTRAL_SMALL_3,
+    # Devstral Small 2: the same shape in FP8 (a copy of its config.json: per-tensor FP8, vision and lm_head BF16)
+    "mistralai/Devstral-Small-2-24B-Instruct-2512": _MISTRAL_SMALL_3.model_copy(update={"weights": "fp8"}),
+    # Devstral 2: 88 layers, hidden 12288, 96 heads / 8 KV heads, vocab 131072, FP8 (a copy of its config.json)
+    "mistralai/Devstral-2-123B-Instruct-2512": Architecture(params_b=123, layers=88, kv_heads=8, head_dim=128,
+                                                            hidden=12288, vocab=131072, weights="fp8"),
+    # Mistral Large 3: "673B params and 39B active" + "a 2.5B Vision Encoder" (card); DeepSeek V3's shape in
+    # vLLM (MistralLarge3ForCausalLM): 61 layers caching a 576-wide latent (kv_lora_rank 512 + rope 64), 68.6
+    # KiB of KV cache per token in BF16 as published for it; hidden size not published here (no exemption
+    # of the embeddings from the 8 or 4 bits: an estimate a little low)
+    "mistralai/Mistral-Large-3-675B-Instruct-2512": _MISTRAL_LARGE_3,
+    "mistralai/Mistral-Large-3-675B-Instruct-2512-NVFP4": _MISTRAL_LARGE_3.model_copy(update={"weights": "nvfp4"}),
     # the tiny random-weight model the local backend builds (see templates/build_tiny_model.py)
     "builtin:tiny-mistral": Architecture(params_b=0.0006, layers=2, kv_heads=2, head_dim=32),
 }
@@ -80,23 +109,105 @@ QUANT_FORMATS: dict[str, QuantFormat] = {
 _DTYPE_BYTES = {"auto": 2.0, "bfloat16": 2.0, "float16": 2.0, "float32": 4.0}
 
 
-def weights_bytes(model_dtype: str, quantization: Optional[str], arch: Architecture) -> float:
+# What a checkpoint's `weights` (Architecture.weights) stores, as the formats above.
+_CHECKPOINT_FORMATS: dict[str, str] = {"fp8": "fp8", "nvfp4": "modelopt_fp4"}
+
+
+def weights_format(quantization: Optional[str], arch: Architecture) -> Optional[str]:
+    """The quantization the weights are in: the recipe's --quantization, else the checkpoint's own format."""
+    if quantization:
+        return quantization
+    return _CHECKPOINT_FORMATS.get(arch.weights or "")
+
+
+def weights_bytes(model_dtype: str, quantization: Optional[str], arch: Architecture,
+                  params_b: Optional[float] = None) -> float:
     """What the weights take in GPU memory: the quantized linear layers at their format's size, the rest
-    (token embeddings and output head, norms) at the model's dtype."""
-    params = arch.params_b * 1e9
+    (token embeddings and output head, norms, a vision encoder) at 16 bits. `params_b`: count only that many
+    of the language model's parameters (a mixture of experts' active ones)."""
+    params = (params_b or arch.params_b) * 1e9
     dtype_bytes = _DTYPE_BYTES[model_dtype]
-    fmt = QUANT_FORMATS.get(quantization or "")
+    vision = (arch.vision_params_b or 0.0) * 1e9 * dtype_bytes
+    fmt = QUANT_FORMATS.get(weights_format(quantization, arch) or "")
     if fmt is None:
-        return params * dtype_bytes
+        return params * dtype_bytes + vision
     kept = 2 * arch.vocab * arch.hidden if arch.vocab and arch.hidden else 0
-    return kept * dtype_bytes + (params - kept) * fmt.bytes_per_weight
+    return kept * dtype_bytes + (params - kept) * fmt.bytes_per_weight + vision
+
+
+def describe_size(arch: Architecture) -> str:
+    """8.4B, 675B MoE (41B active), with `+ 0.4B vision` where the model has a vision encoder."""
+    size = f"{arch.params_b:g}B"
+    if arch.active_params_b:
+        size += f" MoE ({arch.active_params_b:g}B active)"
+    if arch.vision_params_b:
+        size += f" + {arch.vision_params_b:g}B vision"
+    return size
+
+
+# Compute capability of each GPU (NVIDIA's CUDA GPU list): which weight formats run natively.
+GPU_CAPABILITY: dict[str, float] = {
+    "T4": 7.5, "V100": 7.0, "V100-32GB": 7.0, "RTX6000": 7.5, "A10": 8.6, "A10G": 8.6, "A40": 8.6,
+    "RTXA6000": 8.6, "A100": 8.0, "A100-80GB": 8.0, "L4": 8.9, "L40": 8.9, "L40S": 8.9, "H100": 9.0,
+    "H100-MEGA": 9.0, "H200": 9.0, "GH200": 9.0, "B200": 10.0,
+}
+
+
+@dataclass(frozen=True)
+class FormatSupport:
+    """How the pinned vLLM (0.32) runs a weight format on NVIDIA GPUs, from its source: below `minimum`
+    it refuses the checkpoint (the method's get_min_capability); from `native` it computes in the format;
+    between, a weight-only Marlin kernel keeps the memory saving and computes in 16 bits."""
+
+    label: str
+    native: float
+    minimum: float
+    fallback: str
+
+
+# fp8: Fp8Config.get_min_capability() is 75; FP8 compute (CudaPlatform.supports_fp8) needs 89; below it the
+#   FP8 linear and MoE kernels fall back to Marlin (model_executor/kernels/linear, fused_moe/oracle/fp8.py).
+# nvfp4: ModelOptNvFp4Config and compressed-tensors' W4A4 NVFP4 scheme need 75; the native FP4 GEMMs need 100
+#   (Blackwell, CUDA 12.8); before it MarlinNvFp4LinearKernel and the Marlin MoE experts run the weights.
+FORMAT_SUPPORT: dict[str, FormatSupport] = {
+    **dict.fromkeys(("fp8", "fbgemm_fp8", "fp8_per_tensor", "fp8_per_channel", "fp8_per_block"),
+                    FormatSupport("FP8", 8.9, 7.5, "FP8 Marlin")),
+    "modelopt": FormatSupport("FP8", 8.9, 8.0, "FP8 Marlin"),  # ModelOptFp8Config.get_min_capability() is 80
+    **dict.fromkeys(("modelopt_fp4", "nvfp4_per_token"), FormatSupport("NVFP4", 10.0, 7.5, "FP4 Marlin")),
+}
+
+
+def kernel_support(quantization: Optional[str], arch: Architecture, gpu: str) -> tuple[bool, Optional[str]]:
+    """Whether the pinned vLLM runs these weights on this GPU, and how, when it is not natively."""
+    support = FORMAT_SUPPORT.get(weights_format(quantization, arch) or "")
+    capability = GPU_CAPABILITY.get(gpu)
+    if support is None or capability is None or capability >= support.native:
+        return True, None
+    if capability < support.minimum:
+        return False, (f"{support.label} weights cannot run on {gpu} (compute capability {capability:.1f}; the pinned "
+                       f"vLLM needs {support.minimum:.1f})")
+    return True, (f"{support.label} weights run through vLLM's {support.fallback} kernel on {gpu} (compute "
+                  f"capability {capability:.1f} < {support.native:.1f}): {support.label}'s memory saving, 16-bit compute")
+
+
+def kv_bytes_per_token(arch: Architecture, kv_bytes: float, tensor_parallel: int = 1) -> float:
+    """The KV cache one token of context takes, over all the GPUs of a tensor-parallel group."""
+    if arch.mla_kv_dim:
+        # multi-head latent attention caches one latent per layer, whole on every tensor-parallel rank
+        return arch.layers * arch.mla_kv_dim * kv_bytes * tensor_parallel
+    # K and V, per layer, per KV head (GQA shares them across query heads); with more ranks than KV heads,
+    # each rank holds one head, copied
+    kv_heads, head_dim = arch.kv_heads or 1, arch.head_dim or 0  # both set without mla_kv_dim (Architecture)
+    copies = max(1, tensor_parallel // kv_heads)
+    return 2 * arch.layers * kv_heads * head_dim * kv_bytes * copies
 
 
 # CUDA context, activations and the sampler's buffers, per GPU.
 _OVERHEAD_GIB = 1.5
 # Suggestions, from smallest to largest: the first that fits is proposed.
-_SUGGEST = ["L4:1", "A10G:1", "L40S:1", "A100:1", "A100-80GB:1", "H100:1", "A10G:4", "L40S:2",
-            "A100:2", "A100-80GB:2", "H100:2", "A100-80GB:4", "H100:4", "H100:8"]
+_SUGGEST = ["T4:1", "L4:1", "A10G:1", "L40S:1", "A100:1", "A100-80GB:1", "H100:1", "A10G:4", "L40S:2",
+            "A100:2", "A100-80GB:2", "H100:2", "H200:1", "H200:2", "A100-80GB:4", "H100:4", "H200:4", "B200:4",
+            "A100-80GB:8", "H100:8", "H200:8", "B200:8"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +218,8 @@ class FitEstimate:
     overhead_gib: float
     usable_gib: float  # all GPUs together, after gpu_memory_utilization
     context_tokens: int
+    runs: bool = True  # the pinned vLLM has a kernel for the weights' format on this GPU
+    kernel_note: Optional[str] = None  # how it runs them, when not natively (or why it cannot)
 
     @property
     def needed_gib(self) -> float:
@@ -114,14 +227,15 @@ class FitEstimate:
 
     @property
     def fits(self) -> bool:
-        return self.needed_gib <= self.usable_gib
+        return self.runs and self.needed_gib <= self.usable_gib
 
     def summary(self) -> str:
-        verdict = "fits" if self.fits else "does NOT fit"
+        verdict = "fits" if self.fits else "does NOT fit" if self.runs else "does NOT run"
+        note = f"; {self.kernel_note}" if self.kernel_note else ""
         return (
             f"{self.gpu}: {verdict}: weights {self.weights_gib:.1f} GiB + KV cache {self.kv_cache_gib:.1f} GiB "
             f"({self.context_tokens} tokens) + overhead {self.overhead_gib:.1f} GiB = {self.needed_gib:.1f} GiB "
-            f"of {self.usable_gib:.1f} GiB usable"
+            f"of {self.usable_gib:.1f} GiB usable{note}"
         )
 
 
@@ -137,10 +251,11 @@ def estimate(recipe: Recipe, gpu: GpuRequest, arch: Architecture) -> Optional[Fi
     kv_bytes = _kv_dtype_bytes(model.vllm_args)
     context = model.max_model_len or 32768
     weights = weights_bytes(model.dtype, model.quantization, arch) / GIB
-    # K and V, per layer, per KV head (GQA shares them across query heads), per token of context
-    kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * kv_bytes * context / GIB
+    tensor_parallel = recipe.resources.tensor_parallel or gpu.count
+    kv = kv_bytes_per_token(arch, kv_bytes, tensor_parallel) * context / GIB
     usable = memory * gpu.count * recipe.engine.gpu_memory_utilization
-    return FitEstimate(gpu, weights, kv, _OVERHEAD_GIB * gpu.count, usable, context)
+    runs, note = kernel_support(model.quantization, arch, gpu.name)
+    return FitEstimate(gpu, weights, kv, _OVERHEAD_GIB * gpu.count, usable, context, runs, note)
 
 
 def _kv_dtype_bytes(args: list[str]) -> float:
@@ -161,12 +276,20 @@ def check_fit(recipe: Recipe) -> list[FitEstimate]:
         worst = estimates[0]
         would_fit = _suggestion(recipe, arch)
         hint = f"; would fit: {would_fit} (--gpu {would_fit})" if would_fit else ""
+        if not worst.runs:
+            raise FitError(f"{recipe.model.id}: {worst.kernel_note}{hint}")
         raise FitError(
             f"{recipe.model.id} does not fit {worst.gpu}: needs about {worst.needed_gib:.0f} GiB "
             f"(weights {worst.weights_gib:.0f} + KV cache {worst.kv_cache_gib:.1f} for {worst.context_tokens} tokens), "
             f"{worst.usable_gib:.0f} GiB usable{hint}"
         )
     return estimates
+
+
+def smallest_fit(recipe: Recipe) -> Optional[str]:
+    """The smallest GPU set (of the usual ones) the recipe's model fits at its context length."""
+    arch = architecture_of(recipe)
+    return _suggestion(recipe, arch) if arch is not None else None
 
 
 def _suggestion(recipe: Recipe, arch: Architecture) -> Optional[str]:
@@ -181,7 +304,7 @@ def _suggestion(recipe: Recipe, arch: Architecture) -> Optional[str]:
 # Memory bandwidth per GPU, GB/s, from NVIDIA's datasheets (the SXM parts where a cloud rents both).
 GPU_BANDWIDTH_GBPS: dict[str, float] = {
     "T4": 320, "V100": 900, "V100-32GB": 900, "A10": 600, "A10G": 600, "L4": 300, "L40": 864, "L40S": 864,
-    "A40": 696, "A100": 1555, "A100-80GB": 2039, "H100": 3350, "H200": 4800,
+    "A40": 696, "A100": 1555, "A100-80GB": 2039, "H100": 3350, "H200": 4800, "B200": 8000,
 }
 # The workload the estimate is made for: requests in flight, and tokens of context each holds.
 ESTIMATE_CONCURRENCY, ESTIMATE_CONTEXT = 16, 1024
@@ -197,7 +320,9 @@ def decode_ceiling(recipe: Recipe, gpu: GpuRequest) -> Optional[float]:
     bandwidth = GPU_BANDWIDTH_GBPS.get(gpu.name)
     if arch is None or bandwidth is None:
         return None
-    kv_bytes = 2 * arch.layers * arch.kv_heads * arch.head_dim * _kv_dtype_bytes(recipe.model.vllm_args)
-    step_bytes = (weights_bytes(recipe.model.dtype, recipe.model.quantization, arch)
+    kv_bytes = kv_bytes_per_token(arch, _kv_dtype_bytes(recipe.model.vllm_args))
+    # a mixture of experts reads its active parameters per token (fewer than all when the batch's tokens
+    # share experts: counting the active ones keeps this an upper bound)
+    step_bytes = (weights_bytes(recipe.model.dtype, recipe.model.quantization, arch, arch.active_params_b)
                   + ESTIMATE_CONCURRENCY * ESTIMATE_CONTEXT * kv_bytes)
     return ESTIMATE_CONCURRENCY * bandwidth * 1e9 * gpu.count / step_bytes

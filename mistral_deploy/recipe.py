@@ -158,13 +158,34 @@ QuantizationMethod = Literal[
 class Architecture(_Spec):
     """What the fit check needs to know about a model it has no table entry for."""
 
-    params_b: float = Field(gt=0, description="total parameters, in billions")
+    params_b: float = Field(gt=0, description="total parameters of the language model (every expert of a "
+                                              "mixture of experts), in billions")
     layers: int = Field(gt=0)
-    kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
+    kv_heads: Optional[int] = Field(None, gt=0, description="KV heads (config.json num_key_value_heads); not "
+                                                            "with mla_kv_dim")
+    head_dim: Optional[int] = Field(None, gt=0, description="not with mla_kv_dim")
     # the token embeddings and the output head (vocab x hidden each) are never quantized
     hidden: Optional[int] = Field(None, gt=0, description="hidden size (config.json hidden_size)")
     vocab: Optional[int] = Field(None, gt=0, description="vocabulary size (config.json vocab_size)")
+    active_params_b: Optional[float] = Field(
+        None, gt=0, description="a mixture of experts: the parameters each token uses, in billions (what decoding "
+                                "reads per step; every expert stays in GPU memory)")
+    vision_params_b: Optional[float] = Field(
+        None, gt=0, description="the vision encoder and its projector, in billions (kept at 16 bits)")
+    weights: Optional[Literal["bf16", "fp8", "nvfp4"]] = Field(
+        None, description="how the checkpoint stores its linear layers when model.quantization is not set: "
+                          "an FP8 or NVFP4 checkpoint (vLLM reads the format from its config)")
+    mla_kv_dim: Optional[int] = Field(
+        None, gt=0, description="multi-head latent attention: what each layer caches per token (kv_lora_rank + "
+                                "qk_rope_head_dim), instead of K and V per KV head")
+
+    @model_validator(mode="after")
+    def _kv_shape(self) -> "Architecture":
+        if self.mla_kv_dim is None and (self.kv_heads is None or self.head_dim is None):
+            raise ValueError("kv_heads and head_dim: both needed (or mla_kv_dim, for multi-head latent attention)")
+        if self.active_params_b is not None and self.active_params_b > self.params_b:
+            raise ValueError(f"active_params_b: {self.active_params_b:g} is more than params_b ({self.params_b:g})")
+        return self
 
 
 class ModelSpec(_Spec):
@@ -184,6 +205,8 @@ class ModelSpec(_Spec):
     task: Literal["generate", "embed"] = "generate"
     vllm_args: list[str] = Field(default_factory=lambda: [], description="extra vLLM engine arguments")
     architecture: Optional[Architecture] = None
+    family: Optional[str] = Field(None, max_length=40, description="the model family `recipes` groups it under")
+    license: Optional[str] = Field(None, max_length=80, description="the weights' licence, as the model card names it")
 
     @field_validator("served_name")
     @classmethod
@@ -642,9 +665,9 @@ def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any
         # a region from the recipe belongs to the recipe's cloud, not the one on the command line
         resources.pop("region", None)
     if "model" in given and isinstance(data.get("model"), dict):
-        # the recipe's served name and architecture describe the recipe's model, not this one
-        data["model"].pop("architecture", None)
-        data["model"].pop("served_name", None)
+        # the recipe's served name, architecture, family and licence describe the recipe's model, not this one
+        for field_name in ("architecture", "served_name", "family", "license"):
+            data["model"].pop(field_name, None)
     return data
 
 

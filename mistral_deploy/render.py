@@ -76,6 +76,9 @@ def guardrail_chat_template() -> str:
     return "".join(line.strip() for line in template_text("guardrail_chat_template.jinja").splitlines())
 
 
+NO_MEDIA_DOMAIN = "media.invalid"
+
+
 def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bool = False,
                 tensor_parallel: bool = True) -> list[str]:
     """The vLLM server's arguments, shared by the local backend and the VM. Never a secret.
@@ -113,6 +116,13 @@ def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bo
         args += ["--load-format", STREAMED_LOAD_FORMAT]
         user_args = without_flags(user_args, _FORMAT_FLAGS)
     args += user_args
+    if m.task == "generate" and not any(a.split("=", 1)[0] == "--allowed-media-domains" for a in user_args):
+        # A chat request's image may be a URL, which the engine would fetch from inside the VM: the cloud's
+        # metadata service, the VPC. vLLM fetches remote media only from --allowed-media-domains (an exact
+        # host name, vllm/multimodal/media/connector.py); given only a reserved name that never resolves
+        # (RFC 2606's .invalid), it fetches none and takes base64 data: URLs alone. A recipe may name its
+        # own domains in model.vllm_args.
+        args += ["--allowed-media-domains", NO_MEDIA_DOMAIN]
     if recipe.guardrail and m.task == "generate" and not uses_mistral_tokenizer(user_args):
         # a model's own Hugging Face template may drop a leading system message (Mistral v0.3's unless the
         # last turn is the user's) or refuse it (v0.2's): ours keeps the guardrail first in every prompt

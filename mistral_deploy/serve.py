@@ -549,11 +549,19 @@ class ServeBackend(_CloudBase):
         phase = deployment.phase
         warning = None
         if deployment.phase == "ready" and info is not None:
-            healthy = self._probe(deployment.endpoint, deployment.tls_ca)
-            if not healthy and info.status == "NO_REPLICA" and deployment.details.get("scaled_to_zero"):
-                phase = "idle"  # scaled to zero: the next request wakes a replica
-                warning = ("no replica runs (min: 0): the load balancer answers 503 until the replica the first "
+            ready = any(r.status == "READY" for r in info.replicas)
+            if deployment.details.get("scaled_to_zero") and not ready:
+                # Scaled to zero: no health check. SkyServe's autoscaler counts every request the load
+                # balancer gets, so a check would wake a replica (a GPU VM) by itself: seen on the bed
+                # (benchmarks/serve_scale_to_zero.py). The next client request wakes one.
+                phase = "idle"
+                waking = [r for r in info.replicas if not replica_failed(r.status)]
+                warning = (f"a replica is starting ({', '.join(f'{r.replica_id} {r.status}' for r in waking)}): the "
+                           "load balancer answers 503 until it is ready" if waking else
+                           "no replica runs (min: 0): the load balancer answers 503 until the replica the first "
                            "request wakes is ready")
+            else:
+                healthy = self._probe(deployment.endpoint, deployment.tls_ca)
         elif deployment.phase == "ready" and service_status == "missing":
             phase = "gone"
         rollout = None

@@ -20,9 +20,12 @@ def test_recipes_lists_every_builtin() -> None:
     result = run_cli("recipes")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == builtin_recipe_names()
-    mixtral = next(line for line in lines if line.startswith("mixtral-8x7b-instruct "))
-    assert "mistralai/Mixtral-8x7B-Instruct-v0.1" in mixtral and "A100-80GB:2, H100:2" in mixtral
+    listed = [line.split()[0] for line in lines if line.startswith("  ")]  # under their family's line
+    assert sorted(listed) == builtin_recipe_names()
+    assert [line for line in lines if not line.startswith("  ")][0] == "Ministral 3:"
+    mixtral = next(line for line in lines if line.startswith("  mixtral-8x7b-instruct "))
+    assert "mistralai/Mixtral-8x7B-Instruct-v0.1" in mixtral and "46.7B MoE (12.9B active)" in mixtral
+    assert "Apache-2.0 (gated)" in mixtral and mixtral.endswith("fits A100-80GB:2")
 
 
 @pytest.mark.parametrize("name", builtin_recipe_names())

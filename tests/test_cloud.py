@@ -397,9 +397,11 @@ def test_serve_scaled_to_zero_is_up_once_the_service_is(fake, vm, store):
     assert deployment.phase == "ready" and deployment.endpoint.endswith("/v1")
     assert "the first request" in phases.done_message and "503" in phases.done_message
     assert fake.services["md-mistral-7b-instruct"].status == "NO_REPLICA"
-    vm.stop()  # the load balancer, with no replica behind it, does not answer 200
+    # `status` sends the load balancer nothing while no replica is READY: SkyServe's autoscaler counts every
+    # request it gets, and a health check would wake a replica by itself (a GPU VM, paid for)
     status = ServeBackend().status(store.load(recipe.name))
     assert status["phase"] == "idle" and status["healthy"] is False and status["service_status"] == "NO_REPLICA"
+    assert vm.requests == [] and "no replica runs (min: 0)" in status["warning"]
 
 
 def test_scaling_to_zero_needs_somewhere_to_scale_to():

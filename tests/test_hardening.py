@@ -90,6 +90,18 @@ def test_the_engine_serves_on_its_socket_with_the_output_cap_merged_into_the_rec
     assert "--log-opt max-size=50m" in run and '--ulimit "nofile=$NOFILE:$NOFILE"' in run and "NOFILE=32832" in run
 
 
+def test_the_engine_fetches_no_remote_media_unless_the_recipe_names_its_domains():
+    """An image URL in a chat request would be fetched by the engine from inside the VM (metadata service,
+    VPC): only a reserved domain that never resolves is allowed, so vLLM takes base64 data: URLs alone."""
+    args = engine_args(_recipe(model={"id": "mistralai/Ministral-3-8B-Instruct-2512"}), model="m", socket="/s")
+    assert args[args.index("--allowed-media-domains") + 1] == "media.invalid"
+    own = engine_args(_recipe(model={"id": "m/x", "vllm_args": ["--allowed-media-domains", "images.example.com"]}),
+                      model="m", socket="/s")
+    assert own.count("--allowed-media-domains") == 1 and "media.invalid" not in own
+    embed = engine_args(_recipe(model={"id": "m/e", "task": "embed"}), model="m", socket="/s")
+    assert "--allowed-media-domains" not in embed
+
+
 def test_the_vm_certificate_is_a_leaf():
     setup = render_task(_recipe(network={"mode": "public"}))["setup"]
     assert "basicConstraints=critical,CA:FALSE" in setup and "CA:TRUE" not in setup

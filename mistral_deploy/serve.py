@@ -555,7 +555,7 @@ class ServeBackend(_CloudBase):
                 # balancer gets, so a check would wake a replica (a GPU VM) by itself: seen on the bed
                 # (benchmarks/serve_scale_to_zero.py). The next client request wakes one.
                 phase = "idle"
-                waking = [r for r in info.replicas if not replica_failed(r.status)]
+                waking = [r for r in info.replicas if r.status in ("PENDING", "PROVISIONING", "STARTING")]
                 warning = (f"a replica is starting ({', '.join(f'{r.replica_id} {r.status}' for r in waking)}): the "
                            "load balancer answers 503 until it is ready" if waking else
                            "no replica runs (min: 0): the load balancer answers 503 until the replica the first "

@@ -402,6 +402,15 @@ def test_serve_scaled_to_zero_is_up_once_the_service_is(fake, vm, store):
     status = ServeBackend().status(store.load(recipe.name))
     assert status["phase"] == "idle" and status["healthy"] is False and status["service_status"] == "NO_REPLICA"
     assert vm.requests == [] and "no replica runs (min: 0)" in status["warning"]
+    import dataclasses
+
+    service = fake.services["md-mistral-7b-instruct"]
+    for state, said in (("PROVISIONING", "a replica is starting (1 PROVISIONING)"),
+                        ("SHUTTING_DOWN", "no replica runs (min: 0)")):  # scaling back down: not waking
+        fake.services[service.name] = dataclasses.replace(service, replicas=(skysdk.ReplicaInfo(
+            replica_id=1, status=state, endpoint=None, version=1, is_spot=False),))
+        status = ServeBackend().status(store.load(recipe.name))
+        assert status["phase"] == "idle" and said in status["warning"] and vm.requests == []
 
 
 def test_scaling_to_zero_needs_somewhere_to_scale_to():

@@ -307,3 +307,13 @@ def test_plan_estimates_dollars_per_million_tokens_and_shows_the_quantized_varia
     table = run_cli("plan", "mistral-7b-instruct-gptq", "--cloud", "aws")
     assert table.exit_code == 0, table.output
     assert "$/Mtok out (floor)" in table.stdout and "mistral-7b-instruct-gptq (this one)" in table.stdout
+
+
+def test_plan_of_mistral_large_3_shows_its_nvfp4_variant_and_how_each_gpu_runs_the_weights(sky_session: Any) -> None:
+    plan = _plan_json("mistral-large-3-nvfp4", "--cloud", "aws", "--gpu", "H100:8")
+    (h100,) = plan["estimates"]
+    assert h100["fits"] and h100["runs"] and "FP4 Marlin" in h100["kernel_note"]
+    rows = {row["recipe"]: row for row in plan["variants"]}
+    assert set(rows) == {"mistral-large-3", "mistral-large-3-nvfp4"}
+    assert rows["mistral-large-3"]["quantization"] == "fp8" and rows["mistral-large-3-nvfp4"]["quantization"] == "nvfp4"
+    assert rows["mistral-large-3-nvfp4"]["weights_gib"] < 0.6 * rows["mistral-large-3"]["weights_gib"]

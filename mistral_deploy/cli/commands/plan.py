@@ -117,6 +117,7 @@ def plan(
 # one another, with their price.
 VARIANTS: tuple[tuple[str, ...], ...] = (
     ("mistral-7b-instruct", "mistral-7b-instruct-awq", "mistral-7b-instruct-gptq"),
+    ("mistral-large-3", "mistral-large-3-nvfp4"),
 )
 
 
@@ -168,7 +169,9 @@ def _variants(recipe: "Recipe", clouds: list[str], spot: bool) -> list[dict[str,
             best = next(iter(pricing.cheapest_first(pricing.offers_for(recipe.resources, [gpu], clouds), spot=spot)),
                         None)
             rows.append({
-                "recipe": name, "model": variant.model.id, "quantization": variant.model.quantization,
+                # the weights' format: the recipe's --quantization, else how the checkpoint stores them
+                "recipe": name, "model": variant.model.id,
+                "quantization": variant.model.quantization or (arch.weights if arch else None),
                 "gpu": str(gpu), "weights_gib": _round(fit.weights_gib, 2) if fit else None,
                 "cheapest": f"{best.cloud} {best.region} {best.instance_type}" if best else None,
                 "price_per_hour": _round(best.hourly(spot=spot), 4) if best else None,
@@ -211,6 +214,8 @@ def _estimate_json(gpu: GpuRequest, est: FitEstimate | None) -> dict[str, object
         "needed_gib": round(est.needed_gib, 2),
         "usable_gib": round(est.usable_gib, 2),
         "context_tokens": est.context_tokens,
+        "runs": est.runs,
+        "kernel_note": est.kernel_note,
     }
 
 

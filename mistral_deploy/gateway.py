@@ -133,6 +133,8 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
         routes=routes_for(recipe),
         upstream_timeout=UPSTREAM_TIMEOUT_SECONDS,
         guardrail=_nginx_string(GUARDRAIL_PROMPTS[recipe.guardrail]) if recipe.guardrail else "",
+        # the hosts a chat request's media URLs may name (gateway.js); none: base64 data: URLs only
+        media_domains=_nginx_string(" ".join(recipe.model.media_domains)) if recipe.model.media_domains else "",
     )
 
 

@@ -249,6 +249,7 @@ class LocalBackend:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(engine.engine_dir() / "cache" / "torchinductor")
         env["VLLM_NO_USAGE_STATS"] = "1"
         env["DO_NOT_TRACK"] = "1"
+        env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"  # the gateway checks a media URL's host, not where it leads
         env["PYTHONUNBUFFERED"] = "1"
         if recipe.builtin_model:
             env["HF_HUB_OFFLINE"] = "1"  # nothing to download: the model is a local folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import itertools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ SOURCE_RE = re.compile(r"^(s3|gs|az)://[a-z0-9][a-z0-9._-]{1,253}[a-z0-9](/[A-Za
 _SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9._/:-]{1,128}$")
 # Engine flags mistral-deploy sets itself: where the engine listens (never beyond 127.0.0.1), what it
 # serves, and nothing that would bypass the gateway or read another config.
+_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _OWNED_ENGINE_FLAGS = ("--host", "--port", "--uds", "--api-key", "--model", "--served-model-name",
                        "--tensor-parallel-size", "--config", "--root-path", "--ssl-keyfile", "--ssl-certfile",
                        "--allowed-origins")
@@ -224,6 +226,18 @@ class ModelSpec(_Spec):
         return source.rstrip("/") if source else source
 
     @property
+    def media_domains(self) -> list[str]:
+        """The hosts the engine may fetch a request's media from (the recipe's own --allowed-media-domains);
+        none otherwise: base64 data: URLs only."""
+        found: list[str] = []
+        for i, arg in enumerate(self.vllm_args):
+            if arg.startswith("--allowed-media-domains="):
+                found += arg.split("=", 1)[1].split()
+            elif arg == "--allowed-media-domains":
+                found += itertools.takewhile(lambda a: not a.startswith("-"), self.vllm_args[i + 1:])
+        return [host.lower() for host in found]
+
+    @property
     def needs_hf_token(self) -> bool:
         """The engine's VM downloads a gated model from the Hub (not from a bucket source)."""
         return self.hf_token and not self.source
@@ -240,6 +254,15 @@ class ModelSpec(_Spec):
             if owned:
                 raise ValueError(f"{arg.split('=', 1)[0]} ({owned}) is set by mistral-deploy; "
                                  "use the recipe field instead")
+        for i, arg in enumerate(args):
+            # the gateway admits media URLs of these hosts alone (gateway.js): exact host names
+            hosts = (arg.split("=", 1)[1].split() if arg.startswith("--allowed-media-domains=") else
+                     [a for a in itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1:])]
+                     if arg == "--allowed-media-domains" else [])
+            for host in hosts:
+                if not _HOST_RE.match(host):
+                    raise ValueError(f"--allowed-media-domains: expected host names such as images.example.com, "
+                                     f"got {host!r}")
         return args
 
 

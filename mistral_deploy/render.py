@@ -79,6 +79,7 @@ def guardrail_chat_template() -> str:
 NO_MEDIA_DOMAIN = "media.invalid"
 
 
+
 def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bool = False,
                 tensor_parallel: bool = True) -> list[str]:
     """The vLLM server's arguments, shared by the local backend and the VM. Never a secret.
@@ -116,7 +117,7 @@ def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bo
         args += ["--load-format", STREAMED_LOAD_FORMAT]
         user_args = without_flags(user_args, _FORMAT_FLAGS)
     args += user_args
-    if m.task == "generate" and not any(a.split("=", 1)[0] == "--allowed-media-domains" for a in user_args):
+    if m.task == "generate" and not m.media_domains:
         # A chat request's image may be a URL, which the engine would fetch from inside the VM: the cloud's
         # metadata service, the VPC. vLLM fetches remote media only from --allowed-media-domains (an exact
         # host name, vllm/multimodal/media/connector.py); given only a reserved name that never resolves

@@ -15,6 +15,9 @@
 //   user (after at most one system message of the client's, joined after the guardrail); the guardrail goes
 //   first and the rewritten body goes to the engine; what could drop or cut it is refused: raw completions,
 //   a request's own chat template, a prompt truncated from the left, other message orders.
+//   A chat message's media (image_url, audio_url, video_url parts) is taken as a base64 data: URL, or as an
+//   http(s) URL of a host the recipe allows ($md_media_domains, the engine's --allowed-media-domains); any
+//   other URL (the cloud's metadata service, a private address, file:) is refused here, never fetched.
 // modelsHeaders/modelsBody: /v1/models without the engine's local model path (`root`).
 var crypto = require('crypto');
 var fs = require('fs');
@@ -29,6 +32,51 @@ var MAX_CONTAINERS = 20000;
 // Integers beyond what a double holds exactly (2^53): kept as written when the body is rewritten.
 var LONG_DIGITS_RE = /[0-9]{16}/;
 var ROLES = {system: 1, user: 1, assistant: 1, tool: 1};
+
+// Media parts of a chat message that name a URL the engine would fetch.
+var MEDIA_PARTS = ['image_url', 'audio_url', 'video_url'];
+var DATA_URL_RE = /^data:/i;
+// scheme, then the host alone: no user info (`user@host`), no backslash tricks
+var HTTP_URL_RE = /^https?:\/\/([A-Za-z0-9.-]+)(?::[0-9]{1,5})?(?:[\/?#]|$)/;
+
+// Why a chat request's media cannot be taken, or null.
+function mediaProblem(body, domains) {
+    var messages = body.messages;
+    if (!Array.isArray(messages)) {
+        return null;
+    }
+    var allowed = domains ? domains.split(' ') : [];
+    for (var i = 0; i < messages.length; i++) {
+        var content = messages[i] && messages[i].content;
+        if (!Array.isArray(content)) {
+            continue;
+        }
+        for (var j = 0; j < content.length; j++) {
+            var part = content[j];
+            if (!part || typeof part !== 'object') {
+                continue;
+            }
+            for (var k = 0; k < MEDIA_PARTS.length; k++) {
+                var ref = part[MEDIA_PARTS[k]];
+                if (ref === undefined || ref === null) {
+                    continue;
+                }
+                var url = typeof ref === 'object' ? ref.url : ref;
+                if (typeof url === 'string' && DATA_URL_RE.test(url)) {
+                    continue;
+                }
+                var host = typeof url === 'string' ? url.match(HTTP_URL_RE) : null;
+                if (host && allowed.indexOf(host[1].toLowerCase()) >= 0) {
+                    continue;
+                }
+                return 'messages[' + i + '].content[' + j + '].' + MEDIA_PARTS[k] + ': this endpoint takes media as '
+                    + 'base64 data: URLs' + (allowed.length ? ', or http(s) URLs of ' + allowed.join(', ') : '')
+                    + '; it fetches no other URL';
+            }
+        }
+    }
+    return null;
+}
 
 // Is this hash still in the keys file? Only asked within KEYS_RECHECK_MS of the file's last change.
 function listed(r, hash) {
@@ -279,6 +327,12 @@ function checkBody(r) {
     var count = Math.max(prompts(body.prompt), prompts(body.input));
     if (count > maxBatch) {
         return refuse(r, 'at most ' + maxBatch + ' prompts per request on this endpoint, got ' + count);
+    }
+    if (r.uri === '/v1/chat/completions') {
+        var media = mediaProblem(body, r.variables.md_media_domains);
+        if (media) {
+            return refuse(r, media);
+        }
     }
     if (guardrail) {
         // the readiness probe's one-token completion is the only raw completion let through

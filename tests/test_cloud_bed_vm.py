@@ -23,7 +23,7 @@ from mistral_deploy import probe
 from mistral_deploy.errors import NotReadyError
 from mistral_deploy.gateway import hashes_for, hashes_secret
 from mistral_deploy.recipe import validate_recipe_data
-from mistral_deploy.render import KEY_HASHES_SECRET, render_task
+from mistral_deploy.render import KEY_HASHES_SECRET, render_gateway_reload, render_task
 from testbed import BashVm, Bed, testbed, tiny_recipe_data  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.testbed
@@ -231,6 +231,10 @@ def test_containers_stop_when_the_run_script_dies_without_its_trap(vm: BashVm, t
     vm.setup(task["setup"])
     vm.start(task["run"])
     probe.wait_ready(f"http://127.0.0.1:{port}/v1", KEYS[0], "tiny-mistral", timeout=READY_WITHIN, interval=1)
+    # a gateway reload still completes: the lifeline's watcher is a child of nginx's master, not a worker
+    reloaded = vm.setup(render_gateway_reload(recipe, config=True), timeout=120)
+    assert "mistral-deploy: gateway reloaded" in reloaded
+    probe.wait_ready(f"http://127.0.0.1:{port}/v1", KEYS[0], "tiny-mistral", timeout=60, interval=1)
     assert vm.run_process is not None
     runuser = psutil.Process(vm.run_process.pid)
     script = next(p for p in runuser.children() if p.name() == "bash")  # the script's shell, not its subshells

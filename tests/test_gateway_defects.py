@@ -295,6 +295,50 @@ def test_the_probe_key_gets_one_token_whatever_the_body_holds(endpoint: Deployed
         os.kill(master, signal.SIGHUP)
 
 
+# ------------------------------------------------------------------------------------ media by URL
+
+
+def _engine_chats(endpoint: Deployed) -> int:
+    return (endpoint.dir / "engine.log").read_text(errors="replace").count("POST /v1/chat/completions")
+
+
+def _with_image(url: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "http://10.0.0.1/cat.png",
+    "http://127.0.0.1:8000/metrics",
+    "http://user@169.254.169.254/",
+    "https://example.com/redirect?to=http://169.254.169.254/",
+    "file:///etc/passwd",
+    "HTTP://[::1]/x.png",
+    {"not": "a url"},
+], ids=["metadata", "private", "loopback", "userinfo", "redirect", "file", "ipv6", "object"])
+def test_a_media_url_the_recipe_does_not_allow_never_reaches_the_engine(endpoint: Deployed, url: Any) -> None:
+    before = _engine_chats(endpoint)
+    answer = _chat(endpoint, _with_image(url))
+    assert answer.status_code == 400, answer.text
+    assert "messages[0].content[1].image_url: this endpoint takes media as base64 data: URLs" in answer.text
+    time.sleep(0.3)
+    assert _engine_chats(endpoint) == before
+    audio = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "http://169.254.169.254/a"}}]}]
+    assert _chat(endpoint, audio).status_code == 400 and _engine_chats(endpoint) == before
+
+
+def test_a_base64_image_goes_through_to_the_engine(endpoint: Deployed) -> None:
+    """The gateway lets a data: URL through (with the guardrail first); the tiny model is text-only, so
+    the engine itself answers that it takes no image."""
+    before = _engine_chats(endpoint)
+    png = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    answer = _chat(endpoint, _with_image(png))
+    assert "this endpoint takes media" not in answer.text
+    time.sleep(0.3)
+    assert _engine_chats(endpoint) == before + 1, answer.text
+
+
 # ------------------------------------------------------------------------------------ smaller items
 
 

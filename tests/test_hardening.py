@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from _cli import run_cli
+from mistral_deploy.errors import RecipeError
 from mistral_deploy.gateway import GatewayLayout, hashes_for, render_gateway_config, render_keys_map
 from mistral_deploy.keys import generate_tls
 from mistral_deploy.render import engine_args, render_task
@@ -148,3 +149,18 @@ def test_logpipe_rotates_at_line_ends_and_keeps_its_backups(tmp_path):
     kept = b"".join(p.read_bytes() for p in files)
     assert all(0 < p.stat().st_size <= 1000 for p in files)
     assert kept.endswith(lines[-1]) and b"".join(lines).endswith(kept)  # the newest lines, whole, in order
+
+
+def test_a_recipe_may_allow_media_from_named_hosts_only():
+    recipe = _recipe(model={"id": "m/x", "vllm_args": ["--allowed-media-domains", "images.example.com",
+                                                      "cdn.example.org", "--max-num-seqs", "8"]})
+    assert recipe.model.media_domains == ["images.example.com", "cdn.example.org"]
+    with pytest.raises(RecipeError, match="--allowed-media-domains: expected host names"):
+        _recipe(model={"id": "m/x", "vllm_args": ["--allowed-media-domains=evil.com;deny"]})
+    run = render_task(recipe)["run"]
+    assert "VLLM_MEDIA_URL_ALLOW_REDIRECTS=0" in run  # a redirect cannot leave the list
+    layout = GatewayLayout(listen_host="0.0.0.0", port=8443, engine_socket="/run/x/engine.sock",
+                           keys_file="/k.map", js_file="/g.js", pid_file="/p", error_log="/e", access_log="/a",
+                           temp_dir="/tmp", tls_cert="/c", tls_key="/k", max_open_files=4000)
+    assert 'set $md_media_domains "images.example.com cdn.example.org";' in render_gateway_config(recipe, layout)
+    assert 'set $md_media_domains "";' in render_gateway_config(_recipe(), layout)

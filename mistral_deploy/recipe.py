@@ -157,6 +157,17 @@ QuantizationMethod = Literal[
 ]
 
 
+def _media_domains(args: list[str]) -> list[str]:
+    """The values of --allowed-media-domains in engine arguments (`--flag A B` or `--flag="A B"`)."""
+    found: list[str] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--allowed-media-domains="):
+            found += arg.split("=", 1)[1].split()
+        elif arg == "--allowed-media-domains":
+            found += itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1:])
+    return found
+
+
 class Architecture(_Spec):
     """What the fit check needs to know about a model it has no table entry for."""
 
@@ -229,13 +240,7 @@ class ModelSpec(_Spec):
     def media_domains(self) -> list[str]:
         """The hosts the engine may fetch a request's media from (the recipe's own --allowed-media-domains);
         none otherwise: base64 data: URLs only."""
-        found: list[str] = []
-        for i, arg in enumerate(self.vllm_args):
-            if arg.startswith("--allowed-media-domains="):
-                found += arg.split("=", 1)[1].split()
-            elif arg == "--allowed-media-domains":
-                found += itertools.takewhile(lambda a: not a.startswith("-"), self.vllm_args[i + 1:])
-        return [host.lower() for host in found]
+        return [host.lower() for host in _media_domains(self.vllm_args)]
 
     @property
     def needs_hf_token(self) -> bool:
@@ -254,15 +259,11 @@ class ModelSpec(_Spec):
             if owned:
                 raise ValueError(f"{arg.split('=', 1)[0]} ({owned}) is set by mistral-deploy; "
                                  "use the recipe field instead")
-        for i, arg in enumerate(args):
-            # the gateway admits media URLs of these hosts alone (gateway.js): exact host names
-            hosts = (arg.split("=", 1)[1].split() if arg.startswith("--allowed-media-domains=") else
-                     [a for a in itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1:])]
-                     if arg == "--allowed-media-domains" else [])
-            for host in hosts:
-                if not _HOST_RE.match(host):
-                    raise ValueError(f"--allowed-media-domains: expected host names such as images.example.com, "
-                                     f"got {host!r}")
+        # the gateway admits media URLs of these hosts alone (gateway.js): exact host names
+        for host in _media_domains(args):
+            if not _HOST_RE.match(host):
+                raise ValueError(f"--allowed-media-domains: expected host names such as images.example.com, "
+                                 f"got {host!r}")
         return args
 
 

@@ -35,7 +35,7 @@ from mistral_deploy.infra import check_gpus_offered, check_launchable
 from mistral_deploy.keys import generate_api_key, hf_token_secret, write_private
 from mistral_deploy.progress import PhaseClock
 from mistral_deploy.render import (
-    HF_TOKEN_FILE,
+    hf_token_file,
     HF_TOKEN_SECRET,
     KEY_HASHES_SECRET,
     VM_STATE_DIR,
@@ -364,8 +364,9 @@ class CloudBackend(_CloudBase):
             raise NotReadyError(f"setup did not finish on {cluster_name}", log_tail=job_log.tail())
         if hf_token:
             # the run script waits for it (phase weights-download), hands it to the download container
-            # and deletes it; it never passes through SkyPilot
-            sdk.write_head_file(cluster_name, HF_TOKEN_FILE, f"{HF_TOKEN_SECRET}={hf_token}\n")
+            # and deletes it; it never passes through SkyPilot. Each node of a multi-node cluster downloads.
+            for node in range(recipe.resources.num_nodes):
+                sdk.write_head_file(cluster_name, hf_token_file(node), f"{HF_TOKEN_SECRET}={hf_token}\n", node=node)
         tls = vm_gateway_tls(recipe)
         if tls:
             pem = self._vm_certificate(cluster_name, started, deadline)

@@ -235,15 +235,16 @@ def _cheapest_offer(recipe: "Recipe") -> Any:
 
 
 def estimate_price(recipe: "Recipe") -> Optional[float]:
-    """$/hour of the cheapest offer for the recipe's first GPU on its clouds (SkyPilot's catalog), or None
-    when that cannot be told here (no catalog, a cloud without prices). A service: every replica (its
-    minimum, at least one); SkyServe's controller VM is shared by all of a user's services, so it is not in
+    """$/hour of the cheapest offer for the recipe's first GPU on its clouds (SkyPilot's catalog), every node
+    of it, or None when that cannot be told here (no catalog, a cloud without prices). A service: every
+    replica (its minimum, at least one); SkyServe's controller VM is shared by all of a user's services, so it is not in
     here but apart (serve_controller)."""
     best = _cheapest_offer(recipe)
     if best is None:
         return None
     replicas = 1 if recipe.replicas is None else max(1, recipe.replicas.min)  # a request wakes one from zero
-    return round(best.hourly(spot=recipe.resources.spot) * replicas, 4)
+    nodes = recipe.resources.num_nodes  # a model across several nodes: every one of them
+    return round(best.hourly(spot=recipe.resources.spot) * replicas * nodes, 4)
 
 
 def serve_controller(recipe: "Recipe", services: int) -> ServeController:

@@ -204,10 +204,27 @@ def kv_bytes_per_token(arch: Architecture, kv_bytes: float, tensor_parallel: int
 
 # CUDA context, activations and the sampler's buffers, per GPU.
 _OVERHEAD_GIB = 1.5
-# Suggestions, from smallest to largest: the first that fits is proposed.
+# Suggestions, from smallest to largest: the first that fits is proposed. Past one node of eight, several
+# such nodes (NAME:8 xN): tensor parallelism within each, pipeline parallelism across them.
 _SUGGEST = ["T4:1", "L4:1", "A10G:1", "L40S:1", "A100:1", "A100-80GB:1", "H100:1", "A10G:4", "L40S:2",
             "A100:2", "A100-80GB:2", "H100:2", "H200:1", "H200:2", "A100-80GB:4", "H100:4", "H200:4", "B200:4",
-            "A100-80GB:8", "H100:8", "H200:8", "B200:8"]
+            "A100-80GB:8", "H100:8", "H200:8", "B200:8", "A100-80GB:8x2", "H100:8x2", "H200:8x2", "B200:8x2",
+            "H100:8x4", "H200:8x4", "B200:8x4"]
+
+
+def parse_suggestion(text: str) -> tuple[GpuRequest, int]:
+    """"H100:8x2" -> (H100:8, 2 nodes)."""
+    gpu, _, nodes = text.partition("x")
+    name, count = gpu.split(":")
+    return GpuRequest(name=name, count=int(count)), int(nodes or 1)
+
+
+def describe_gpus(gpu: GpuRequest, nodes: int = 1) -> str:
+    return f"{gpu} x {nodes} nodes" if nodes > 1 else str(gpu)
+
+
+def gpu_flags(gpu: GpuRequest, nodes: int = 1) -> str:
+    return f"--gpu {gpu} --nodes {nodes}" if nodes > 1 else f"--gpu {gpu}"
 
 
 @dataclass(frozen=True)
@@ -220,6 +237,7 @@ class FitEstimate:
     context_tokens: int
     runs: bool = True  # the pinned vLLM has a kernel for the weights' format on this GPU
     kernel_note: Optional[str] = None  # how it runs them, when not natively (or why it cannot)
+    nodes: int = 1  # machines of `gpu` each (pipeline parallelism across them)
 
     @property
     def needed_gib(self) -> float:
@@ -233,7 +251,7 @@ class FitEstimate:
         verdict = "fits" if self.fits else "does NOT fit" if self.runs else "does NOT run"
         note = f"; {self.kernel_note}" if self.kernel_note else ""
         return (
-            f"{self.gpu}: {verdict}: weights {self.weights_gib:.1f} GiB + KV cache {self.kv_cache_gib:.1f} GiB "
+            f"{describe_gpus(self.gpu, self.nodes)}: {verdict}: weights {self.weights_gib:.1f} GiB + KV cache {self.kv_cache_gib:.1f} GiB "
             f"({self.context_tokens} tokens) + overhead {self.overhead_gib:.1f} GiB = {self.needed_gib:.1f} GiB "
             f"of {self.usable_gib:.1f} GiB usable{note}"
         )
@@ -243,19 +261,24 @@ def architecture_of(recipe: Recipe) -> Optional[Architecture]:
     return recipe.model.architecture or KNOWN_ARCHITECTURES.get(recipe.model.id)
 
 
-def estimate(recipe: Recipe, gpu: GpuRequest, arch: Architecture) -> Optional[FitEstimate]:
+def estimate(recipe: Recipe, gpu: GpuRequest, arch: Architecture, nodes: Optional[int] = None
+             ) -> Optional[FitEstimate]:
+    """The memory the model needs against what `nodes` machines of `gpu` give (default: the recipe's
+    num_nodes). Tensor parallelism spans each node's GPUs, pipeline parallelism the nodes: each stage holds
+    its share of the layers, their weights and their KV cache, so the sums are those of one big machine."""
     memory = GPU_MEMORY_GIB.get(gpu.name)
     if memory is None:
         return None
+    nodes = nodes or recipe.resources.num_nodes
     model = recipe.model
     kv_bytes = _kv_dtype_bytes(model.vllm_args)
     context = model.max_model_len or 32768
     weights = weights_bytes(model.dtype, model.quantization, arch) / GIB
     tensor_parallel = recipe.resources.tensor_parallel or gpu.count
     kv = kv_bytes_per_token(arch, kv_bytes, tensor_parallel) * context / GIB
-    usable = memory * gpu.count * recipe.engine.gpu_memory_utilization
+    usable = memory * gpu.count * nodes * recipe.engine.gpu_memory_utilization
     runs, note = kernel_support(model.quantization, arch, gpu.name)
-    return FitEstimate(gpu, weights, kv, _OVERHEAD_GIB * gpu.count, usable, context, runs, note)
+    return FitEstimate(gpu, weights, kv, _OVERHEAD_GIB * gpu.count * nodes, usable, context, runs, note, nodes)
 
 
 def _kv_dtype_bytes(args: list[str]) -> float:
@@ -275,27 +298,47 @@ def check_fit(recipe: Recipe) -> list[FitEstimate]:
     if estimates and not any(e.fits for e in estimates):
         worst = estimates[0]
         would_fit = _suggestion(recipe, arch)
-        hint = f"; would fit: {would_fit} (--gpu {would_fit})" if would_fit else ""
+        hint = ""
+        if would_fit:
+            gpu, nodes = parse_suggestion(would_fit)
+            hint = f"; would fit: {describe_gpus(gpu, nodes)} ({gpu_flags(gpu, nodes)})"
+        more = _more_nodes(recipe, arch, worst)
+        if more and more.runs:
+            hint += f"{', or' if hint else '; would fit:'} {describe_gpus(more.gpu, more.nodes)} " \
+                    f"({gpu_flags(more.gpu, more.nodes)})"
         if not worst.runs:
             raise FitError(f"{recipe.model.id}: {worst.kernel_note}{hint}")
         raise FitError(
-            f"{recipe.model.id} does not fit {worst.gpu}: needs about {worst.needed_gib:.0f} GiB "
+            f"{recipe.model.id} does not fit {describe_gpus(worst.gpu, worst.nodes)}: needs about {worst.needed_gib:.0f} GiB "
             f"(weights {worst.weights_gib:.0f} + KV cache {worst.kv_cache_gib:.1f} for {worst.context_tokens} tokens), "
             f"{worst.usable_gib:.0f} GiB usable{hint}"
         )
     return estimates
 
 
+def _more_nodes(recipe: Recipe, arch: Architecture, est: FitEstimate) -> Optional[FitEstimate]:
+    """The same GPUs on the fewest more nodes (up to 4 in all) that the model fits, if any."""
+    if not est.runs:
+        return None
+    for nodes in range(est.nodes + 1, max(est.nodes, 4) + 1):
+        more = estimate(recipe, est.gpu, arch, nodes)
+        if more is not None and more.fits:
+            return more
+    return None
+
+
 def smallest_fit(recipe: Recipe) -> Optional[str]:
-    """The smallest GPU set (of the usual ones) the recipe's model fits at its context length."""
+    """The smallest GPU set (of the usual ones) the recipe's model fits at its context length: "H100:8", or
+    "H100:8 x 2 nodes"."""
     arch = architecture_of(recipe)
-    return _suggestion(recipe, arch) if arch is not None else None
+    found = _suggestion(recipe, arch) if arch is not None else None
+    return describe_gpus(*parse_suggestion(found)) if found else None
 
 
 def _suggestion(recipe: Recipe, arch: Architecture) -> Optional[str]:
     for text in _SUGGEST:
-        name, count = text.split(":")
-        est = estimate(recipe, GpuRequest(name=name, count=int(count)), arch)
+        gpu, nodes = parse_suggestion(text)
+        est = estimate(recipe, gpu, arch, nodes)
         if est is not None and est.fits:
             return text
     return None
@@ -313,9 +356,10 @@ ESTIMATE_SOURCE = (f"upper bound: decoding {ESTIMATE_CONCURRENCY} requests of {E
                    "measure yours with `mistral-deploy bench`")
 
 
-def decode_ceiling(recipe: Recipe, gpu: GpuRequest) -> Optional[float]:
+def decode_ceiling(recipe: Recipe, gpu: GpuRequest, nodes: Optional[int] = None) -> Optional[float]:
     """Output tokens/s the GPUs cannot exceed for this model (decode is memory-bound): an estimate from
-    the datasheet bandwidth, never a measurement; None for an unknown model or GPU."""
+    the datasheet bandwidth, never a measurement; None for an unknown model or GPU. Across `nodes` (default:
+    the recipe's), the pipeline's stages each read their share while the others work on other requests."""
     arch = architecture_of(recipe)
     bandwidth = GPU_BANDWIDTH_GBPS.get(gpu.name)
     if arch is None or bandwidth is None:
@@ -325,4 +369,4 @@ def decode_ceiling(recipe: Recipe, gpu: GpuRequest) -> Optional[float]:
     # share experts: counting the active ones keeps this an upper bound)
     step_bytes = (weights_bytes(recipe.model.dtype, recipe.model.quantization, arch, arch.active_params_b)
                   + ESTIMATE_CONCURRENCY * ESTIMATE_CONTEXT * kv_bytes)
-    return ESTIMATE_CONCURRENCY * bandwidth * 1e9 * gpu.count / step_bytes
+    return ESTIMATE_CONCURRENCY * bandwidth * 1e9 * gpu.count * (nodes or recipe.resources.num_nodes) / step_bytes

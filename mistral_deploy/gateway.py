@@ -135,13 +135,15 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
         guardrail=_nginx_string(GUARDRAIL_PROMPTS[recipe.guardrail]) if recipe.guardrail else "",
         # the hosts a chat request's media URLs may name (gateway.js); none: base64 data: URLs only
         media_domains=_nginx_string(" ".join(recipe.model.media_domains)) if recipe.model.media_domains else "",
+        max_media=body_bytes(recipe.limits.max_media_size) if recipe.limits.max_media_size else 0,
     )
 
 
 def body_bytes(size: str) -> int:
     """An nginx size ("1m", "512k", "4096") in bytes."""
-    scale = {"k": 1024, "m": 1024 * 1024}.get(size[-1:].lower(), 1)
-    return int(size.rstrip("kKmM")) * scale
+    from mistral_deploy.recipe import size_bytes
+
+    return size_bytes(size)
 
 
 def _nginx_string(text: str) -> str:

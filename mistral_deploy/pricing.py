@@ -35,14 +35,15 @@ class Offer:
     region: str
     instance_type: str
     gpu: GpuRequest
-    price: float  # on-demand, $/hour
+    price: float  # on-demand, $/hour, of one instance
     spot_price: Optional[float]  # $/hour; None where the catalog lists no spot market
+    nodes: int = 1  # instances one deployment takes (a model across several nodes)
 
     def hourly(self, *, spot: bool) -> float:
-        """The price one would pay: spot where asked for and offered, on-demand otherwise."""
+        """The price one would pay, all nodes together: spot where asked for and offered, on-demand otherwise."""
         if spot and self.spot_price is not None:
-            return self.spot_price
-        return self.price
+            return self.spot_price * self.nodes
+        return self.price * self.nodes
 
     def monthly(self, *, spot: bool, replicas: int = 1) -> float:
         return self.hourly(spot=spot) * HOURS_PER_MONTH * replicas
@@ -53,8 +54,10 @@ class Offer:
             "region": self.region,
             "instance_type": self.instance_type,
             "gpu": str(self.gpu),
-            "price_per_hour": round(self.price, 6),
-            "spot_price_per_hour": None if self.spot_price is None else round(self.spot_price, 6),
+            "nodes": self.nodes,
+            # all nodes together
+            "price_per_hour": round(self.price * self.nodes, 6),
+            "spot_price_per_hour": None if self.spot_price is None else round(self.spot_price * self.nodes, 6),
             "monthly": round(self.monthly(spot=spot, replicas=replicas), 2),
         }
 

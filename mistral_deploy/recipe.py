@@ -97,6 +97,18 @@ def format_duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def size_bytes(size: str) -> int:
+    """A size as nginx writes it ("1m", "512k", "4096") in bytes."""
+    scale = {"k": 1024, "m": 1024 * 1024}.get(size[-1:].lower(), 1)
+    return int(size.rstrip("kKmM")) * scale
+
+
+def media_body_bytes(media: int) -> int:
+    """The request body that carries one media part of `media` bytes: base64's 4 bytes per 3, and 64 KiB for
+    the rest of the request (the messages' text, the JSON around them)."""
+    return -(-media // 3) * 4 + 64 * 1024
+
+
 class _Spec(BaseModel):
     # Empty defaults come from lambdas, not `list` or `dict`: pydantic reads a default factory's signature,
     # and a builtin's is parsed with the tokenizer (milliseconds of every command that loads a recipe).
@@ -340,6 +352,9 @@ class ResourcesSpec(_Spec):
     spot_fallback: bool = Field(True, description="fall back to on-demand when spot is unavailable")
     disk_size: int = Field(256, ge=50, le=4096, description="GB")
     tensor_parallel: Optional[int] = Field(None, ge=1, le=16)
+    num_nodes: int = Field(1, ge=1, le=16, description="machines the engine spans (a model larger than one node): "
+                                                       "tensor parallelism within each, pipeline parallelism across "
+                                                       "them; the gateway runs on the first alone")
 
     @property
     def clouds(self) -> list[str]:
@@ -417,6 +432,11 @@ class LimitsSpec(_Spec):
     max_tokens: int = Field(4096, ge=1, le=1048576,
                             description="output tokens per completion: a larger max_tokens is refused, "
                                         "and the engine caps requests that give none")
+    max_media_size: Optional[str] = Field(
+        None, pattern=r"^[0-9]+[kKmM]?$",
+        description="largest image (audio, video) one chat message part may carry as a base64 data: URL, "
+                    "decoded (400 past it); network.max_body_size follows it unless set. None: the body "
+                    "size alone bounds it")
 
 
 class HealthSpec(_Spec):
@@ -515,8 +535,30 @@ class Recipe(_Spec):
             raise ValueError(f"model.source: {self.model.source} names a container, not its storage account: the "
                              f"engine's streamer reads the account from engine.env, e.g. "
                              f"engine: {{env: {{{AZURE_ACCOUNT_ENV}: myaccount}}}}")
+        if self.limits.max_media_size:
+            needed = media_body_bytes(size_bytes(self.limits.max_media_size))
+            if "max_body_size" not in net.model_fields_set:
+                # the body holds one part of the largest size, in base64, and the rest of the request
+                if needed > size_bytes(net.max_body_size):
+                    net.max_body_size = f"{-(-needed // (1024 * 1024))}m"
+                    net.__pydantic_fields_set__.discard("max_body_size")  # derived: not written back
+            elif size_bytes(net.max_body_size) < needed:
+                raise ValueError(
+                    f"network.max_body_size: {net.max_body_size} cannot carry one part of limits.max_media_size "
+                    f"({self.limits.max_media_size}: {needed / 1024 / 1024:.1f} MiB with its base64 and the "
+                    f"request around it); set at least {-(-needed // (1024 * 1024))}m")
         if self.guardrail and self.model.task != "generate":
             raise ValueError(f"guardrail: a system prompt is for chat models; model.task is {self.model.task}")
+        if res.num_nodes > 1:
+            if res.cloud == LOCAL_CLOUD:
+                raise ValueError("resources.num_nodes: the local backend runs on this machine alone; "
+                                 "remove num_nodes or pick a cloud")
+            if self.replicas is not None:
+                raise ValueError("resources.num_nodes: a service's replicas are one node each here; remove replicas "
+                                 "(one multi-node endpoint) or num_nodes")
+            if not res.gpu:
+                raise ValueError("resources.num_nodes: several nodes are for a model larger than one node's GPUs; "
+                                 "name the GPUs (resources.gpu)")
         if self.replicas is not None:
             if res.cloud == LOCAL_CLOUD:
                 raise ValueError("replicas: the local backend runs one replica; remove replicas or pick a cloud")
@@ -584,6 +626,7 @@ class Overrides:
     allow: Optional[list[str]] = None
     ttl: Optional[str] = None
     port: Optional[int] = None
+    nodes: Optional[int] = None
 
     # field path in the recipe for each flag, so errors can name the flag the user typed
     FLAGS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
@@ -597,6 +640,7 @@ class Overrides:
         "allow": ("network", "allow"),
         "ttl": ("lifetime", "ttl"),
         "port": ("network", "port"),
+        "nodes": ("resources", "num_nodes"),
     }
 
     def given(self) -> dict[str, Any]:

@@ -35,6 +35,11 @@ HF_TOKEN_SECRET = "HF_TOKEN"
 # script waits for it, hands it to the download container and deletes it.
 HF_TOKEN_FILE = "~/.mistral-deploy/hf-token.env"
 HF_TOKEN_WAIT_SECONDS = 900
+
+
+def hf_token_file(node: int = 0) -> str:
+    """Where node `node` of a cluster waits for the token: a file of its own (nodes may share their home)."""
+    return HF_TOKEN_FILE if node == 0 else HF_TOKEN_FILE.replace(".env", f"-node{node}.env")
 # On the VM: the gateway's files, mounted read-only into the nginx container at VM_GATEWAY_DIR.
 VM_STATE_DIR = "$HOME/.mistral-deploy"
 VM_GATEWAY_DIR = "/etc/mistral-deploy"
@@ -286,6 +291,7 @@ def render_setup(recipe: Recipe) -> str:
         tls=vm_gateway_tls(recipe),
         builtin_model=recipe.builtin_model,
         tiny_model_builder=template_text("build_tiny_model.py") if recipe.builtin_model else "",
+        multi_node=recipe.resources.num_nodes > 1,
     )
 
 
@@ -341,6 +347,11 @@ LIFELINE_WATCH = (f"[ -p {VM_ENGINE_DIR}/lifeline ] && {{ cat {VM_ENGINE_DIR}/li
                   "kill -TERM 1; } &")
 
 
+# A multi-node engine's rendezvous on the head's private address (vLLM's --master-port, its default): the
+# torch.distributed store; the workers' message queues take free ports on each node's private address.
+ENGINE_MASTER_PORT = 29501
+
+
 def render_run(recipe: Recipe) -> str:
     args = engine_args(recipe, model=_model_source(recipe), socket=VM_ENGINE_SOCKET, model_positional=True,
                        tensor_parallel=False)
@@ -361,6 +372,9 @@ def render_run(recipe: Recipe) -> str:
         engine_args=" ".join(shlex.quote(a) for a in args),
         engine_env=sorted(recipe.engine.env),
         tensor_parallel=recipe.resources.tensor_parallel or "",
+        multi_node=recipe.resources.num_nodes > 1,
+        num_nodes=recipe.resources.num_nodes,
+        master_port=ENGINE_MASTER_PORT,
         hf_token=recipe.model.needs_hf_token,
         token_by_ssh=recipe.model.needs_hf_token and recipe.replicas is None,
         token_file=HF_TOKEN_FILE.replace("~", "$HOME", 1),
@@ -461,6 +475,8 @@ def render_task(recipe: Recipe, *, cancel_autostop: bool = False) -> dict[str, A
             "use `mistral-deploy up --cloud local`, or render for a cloud (--cloud aws)"
         )
     task: dict[str, Any] = {"name": recipe.name, "resources": _resources(recipe, cancel_autostop=cancel_autostop)}
+    if recipe.resources.num_nodes > 1:
+        task["num_nodes"] = recipe.resources.num_nodes  # setup and run on each; the run script finds its role
     envs: dict[str, Optional[str]] = dict(sorted(recipe.engine.env.items()))
     if recipe.replicas is not None:
         envs[LOAD_BALANCER_ENV] = None  # the load balancer's address, given at `up` (SkyPilot requires it)

@@ -578,20 +578,22 @@ class SkySdk:
             raise CloudError(f"ssh {cluster_name}: cannot read {path}: {first_line(done.stderr) or done.returncode}")
         return done.stdout
 
-    def write_head_file(self, cluster_name: str, path: str, data: str) -> None:
-        """Write a file on the head node, readable by its owner only (0600), through SkyPilot's SSH access.
-        The content travels on ssh's standard input: never in an argument, a log or SkyPilot's records."""
+    def write_head_file(self, cluster_name: str, path: str, data: str, *, node: int = 0) -> None:
+        """Write a file on the head node (or worker `node` of a multi-node cluster: SkyPilot's SSH config
+        names it CLUSTER-workerN), readable by its owner only (0600), through SkyPilot's SSH access. The
+        content travels on ssh's standard input: never in an argument, a log or SkyPilot's records."""
         if not re.fullmatch(r"~/[A-Za-z0-9._/-]+", path):
             raise CloudError(f"not a path under the home folder: {path}")
         temp = path + ".tmp"
         command = f"umask 077 && mkdir -p \"$(dirname {temp})\" && cat > {temp} && mv -f {temp} {path}"
-        argv = self._ssh_base(cluster_name) + [cluster_name, command]
+        host = cluster_name if node == 0 else f"{cluster_name}-worker{node}"
+        argv = self._ssh_base(cluster_name) + [host, command]
         try:
             done = subprocess.run(argv, input=data, capture_output=True, text=True, timeout=120, check=False)
         except subprocess.TimeoutExpired:
-            raise CloudError(f"ssh {cluster_name}: timed out writing {path}") from None
+            raise CloudError(f"ssh {host}: timed out writing {path}") from None
         if done.returncode != 0:
-            raise CloudError(f"ssh {cluster_name}: cannot write {path}: {first_line(done.stderr) or done.returncode}")
+            raise CloudError(f"ssh {host}: cannot write {path}: {first_line(done.stderr) or done.returncode}")
 
     def run_on_head(self, cluster_name: str, script: str, *, timeout: float = 300.0) -> str:
         """Run a bash script on the head node through SkyPilot's SSH access; its output. The script

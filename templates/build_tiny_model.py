@@ -110,7 +110,14 @@ def main(argv):
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o644)
         os.chmod(tmp, 0o755)
-        os.replace(tmp, outdir)  # atomic; also replaces an empty directory
+        try:
+            os.replace(tmp, outdir)  # atomic; also replaces an empty directory
+        except OSError:
+            # another build finished first (the nodes of a cluster may share this folder): the same seed,
+            # the same model
+            if not os.path.isfile(os.path.join(outdir, "config.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,8 @@
 //   a request's own chat template, a prompt truncated from the left, other message orders.
 //   A chat message's media (image_url, audio_url, video_url parts) is taken as a base64 data: URL, or as an
 //   http(s) URL of a host the recipe allows ($md_media_domains, the engine's --allowed-media-domains); any
-//   other URL (the cloud's metadata service, a private address, file:) is refused here, never fetched.
+//   other URL (the cloud's metadata service, a private address, file:) is refused here, never fetched; a
+//   data: URL larger than $md_max_media bytes decoded (recipe limits.max_media_size) is refused too.
 // modelsHeaders/modelsBody: /v1/models without the engine's local model path (`root`).
 var crypto = require('crypto');
 var fs = require('fs');
@@ -39,8 +40,16 @@ var DATA_URL_RE = /^data:/i;
 // scheme, then the host alone: no user info (`user@host`), no backslash tricks
 var HTTP_URL_RE = /^https?:\/\/([A-Za-z0-9.-]+)(?::[0-9]{1,5})?(?:[\/?#]|$)/;
 
+// The bytes a base64 data: URL decodes to (its payload after the comma; padding not counted).
+function dataUrlBytes(url) {
+    var comma = url.indexOf(',');
+    var payload = comma < 0 ? '' : url.substring(comma + 1);
+    var pad = payload.charAt(payload.length - 1) !== '=' ? 0 : payload.charAt(payload.length - 2) === '=' ? 2 : 1;
+    return Math.floor(payload.length / 4) * 3 + Math.max(0, (payload.length % 4) - 1) - pad;
+}
+
 // Why a chat request's media cannot be taken, or null.
-function mediaProblem(body, domains) {
+function mediaProblem(body, domains, maxBytes) {
     var messages = body.messages;
     if (!Array.isArray(messages)) {
         return null;
@@ -63,6 +72,11 @@ function mediaProblem(body, domains) {
                 }
                 var url = typeof ref === 'object' ? ref.url : ref;
                 if (typeof url === 'string' && DATA_URL_RE.test(url)) {
+                    var size = maxBytes ? dataUrlBytes(url) : 0;
+                    if (size > maxBytes) {
+                        return 'messages[' + i + '].content[' + j + '].' + MEDIA_PARTS[k] + ': ' + size
+                            + ' bytes, more than this endpoint takes in one part (at most ' + maxBytes + ')';
+                    }
                     continue;
                 }
                 var host = typeof url === 'string' ? url.match(HTTP_URL_RE) : null;
@@ -329,7 +343,7 @@ function checkBody(r) {
         return refuse(r, 'at most ' + maxBatch + ' prompts per request on this endpoint, got ' + count);
     }
     if (r.uri === '/v1/chat/completions') {
-        var media = mediaProblem(body, r.variables.md_media_domains);
+        var media = mediaProblem(body, r.variables.md_media_domains, Number(r.variables.md_max_media));
         if (media) {
             return refuse(r, media);
         }

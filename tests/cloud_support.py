@@ -390,8 +390,8 @@ class FakeSky:
         self._record("read_head_file", cluster_name=cluster_name, path=path)
         return self.vm.cert_pem
 
-    def write_head_file(self, cluster_name: str, path: str, data: str) -> None:
-        self._record("write_head_file", cluster_name=cluster_name, path=path, data=data)
+    def write_head_file(self, cluster_name: str, path: str, data: str, *, node: int = 0) -> None:
+        self._record("write_head_file", cluster_name=cluster_name, path=path, data=data, node=node)
 
     def open_tunnel(self, cluster_name: str, *, remote_host: str, remote_port: int, local_port: int = 0,
                     timeout: float = 60.0) -> Tunnel:

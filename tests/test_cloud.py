@@ -330,6 +330,32 @@ def test_up_still_pins_and_probes_when_the_job_log_cannot_be_followed(fake, vm, 
     assert deployment.phase == "ready" and Path(deployment.tls_ca).read_text() == vm.cert_pem
 
 
+def test_up_across_two_nodes_hands_each_node_its_own_token_file(fake, vm, store, tmp_path):
+    """A model across two nodes: one cluster of two (SkyPilot's num_nodes), the Hugging Face token written
+    over SSH to each node (a file of its own: nodes may share their home), never a SkyPilot secret."""
+    vm.start(tls_dir=tmp_path / "vm-tls")
+    recipe = make_recipe(nodes=2)
+    CloudBackend().up(recipe, store, Phases())
+    launch = next(c for c in fake.calls if c.method == "launch")
+    assert launch.args["task_config"]["num_nodes"] == 2
+    assert launch.args["task_config"]["secrets"] == {KEY_HASHES_SECRET: None} and HF not in str(launch.args)
+    written = [(c.args["node"], c.args["path"], c.args["data"]) for c in fake.calls if c.method == "write_head_file"]
+    assert written == [(0, HF_TOKEN_FILE, f"HF_TOKEN={HF}\n"),
+                       (1, HF_TOKEN_FILE.replace(".env", "-node1.env"), f"HF_TOKEN={HF}\n")]
+    # the worker's run script waits for that file
+    assert '-node$NODE_RANK.env' in launch.args["task_config"]["run"]
+
+
+@pytest.mark.parametrize("extra, field", [({"resources": {"cloud": "local", "num_nodes": 2}}, "num_nodes"),
+                                          ({"replicas": {"min": 2}}, "num_nodes")])
+def test_several_nodes_are_refused_where_they_cannot_run(extra, field):
+    data = load_recipe("mistral-7b-instruct", Overrides(cloud="aws", gpu="A10G", nodes=2)).recipe.to_yaml_config()
+    for section, values in extra.items():
+        data.setdefault(section, {}).update(values)
+    with pytest.raises(RecipeError, match=f"resources.{field}"):
+        validate_recipe_data(data, "test")
+
+
 def test_missing_hf_token_is_reported_before_anything_is_created(fake, vm, store, monkeypatch):
     monkeypatch.delenv(HF_TOKEN_SECRET)
     with pytest.raises(MistralDeployError, match="HF_TOKEN"):

@@ -279,7 +279,7 @@ def test_our_list_of_infrastructures_is_skypilots(sky_mod):
 # Recipes whose machines (4 or 8 H100, H200 or B200 per VM: GCP a3-highgpu-4g/8g and a3-ultragpu-8g, Azure's
 # ND H100/H200 v5, AWS p5e/p6) have no rows in the small fixture catalog (tests/fixtures/catalog) yet: their
 # fit is tested (tests/test_fit_formats.py), their offers are not until those rows are copied in.
-BEYOND_THE_FIXTURE = {"devstral-2", "mistral-large-3", "mistral-large-3-nvfp4"}
+BEYOND_THE_FIXTURE = {"devstral-2", "mistral-large-3", "mistral-large-3-nvfp4", "mistral-large-3-2-nodes"}
 
 
 def test_builtin_recipes_offer_a_gpu_on_every_major_cloud(sky_mod, seeded_catalog):

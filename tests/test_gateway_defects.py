@@ -5,6 +5,8 @@ through `up --cloud local`, the guardrail on): what the engine receives is read 
 
 from __future__ import annotations
 
+import base64
+
 import hashlib
 import json
 import os
@@ -28,6 +30,7 @@ from mistral_deploy.recipe import builtin_recipes_dir
 pytestmark = pytest.mark.engine
 GUARDRAIL = GUARDRAIL_PROMPTS["mistral"]
 BODY_TOTAL = 4  # seconds: limits.body_total_timeout of the endpoint under test
+MAX_MEDIA = 1024  # bytes: limits.max_media_size of the endpoint under test
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iter
     model = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())["model"]
     model["vllm_args"] = list(model.get("vllm_args") or []) + ["--enable-log-requests"]  # shows `seed`
     recipe = tiny_recipe(home, "defects", network={"mode": "private", "port": free_port()}, guardrail="mistral",
-                         limits={"body_total_timeout": f"{BODY_TOTAL}s", "body_timeout": "10s"}, model=model)
+                         limits={"body_total_timeout": f"{BODY_TOTAL}s", "body_timeout": "10s",
+                                 "max_media_size": f"{MAX_MEDIA}"}, model=model)
     deployed = up("defects", home, cli_env(home, models_dir), recipe=str(recipe))
     try:
         yield deployed
@@ -337,6 +341,35 @@ def test_a_base64_image_goes_through_to_the_engine(endpoint: Deployed) -> None:
     assert "this endpoint takes media" not in answer.text
     time.sleep(0.3)
     assert _engine_chats(endpoint) == before + 1, answer.text
+
+
+def _data_url(size: int) -> str:
+    return "data:image/png;base64," + base64.b64encode(bytes(range(256)) * (size // 256) + b"x" * (size % 256)).decode()
+
+
+@pytest.mark.parametrize("size", [MAX_MEDIA + 1, 5 * MAX_MEDIA])
+def test_an_image_over_the_recipes_media_size_never_reaches_the_engine(endpoint: Deployed, size: int) -> None:
+    before = _engine_chats(endpoint)
+    answer = _chat(endpoint, _with_image(_data_url(size)))
+    assert answer.status_code == 400, answer.text
+    assert (f"messages[0].content[1].image_url: {size} bytes, more than this endpoint takes in one part "
+            f"(at most {MAX_MEDIA})") in answer.json()["error"]["message"]
+    time.sleep(0.3)
+    assert _engine_chats(endpoint) == before
+    # one of the largest size goes through (the engine, text-only, then says it takes no image)
+    at_limit = _chat(endpoint, _with_image(_data_url(MAX_MEDIA)))
+    assert "more than this endpoint takes" not in at_limit.text
+    time.sleep(0.3)
+    assert _engine_chats(endpoint) == before + 1, at_limit.text
+
+
+@pytest.mark.parametrize("extra, field", [({"n": 99}, "n"), ({"max_tokens": 10**6}, "max_tokens")])
+def test_the_caps_hold_for_a_multimodal_chat(endpoint: Deployed, extra: dict[str, Any], field: str) -> None:
+    before = _engine_chats(endpoint)
+    answer = _chat(endpoint, _with_image(_data_url(16)), **extra)
+    assert answer.status_code == 400 and answer.json()["error"]["message"].startswith(f"{field}:"), answer.text
+    time.sleep(0.3)
+    assert _engine_chats(endpoint) == before
 
 
 # ------------------------------------------------------------------------------------ smaller items

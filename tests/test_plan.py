@@ -314,6 +314,34 @@ def test_plan_of_mistral_large_3_shows_its_nvfp4_variant_and_how_each_gpu_runs_t
     (h100,) = plan["estimates"]
     assert h100["fits"] and h100["runs"] and "FP4 Marlin" in h100["kernel_note"]
     rows = {row["recipe"]: row for row in plan["variants"]}
-    assert set(rows) == {"mistral-large-3", "mistral-large-3-nvfp4"}
+    assert set(rows) == {"mistral-large-3", "mistral-large-3-nvfp4", "mistral-large-3-2-nodes"}
+    assert rows["mistral-large-3-2-nodes"]["nodes"] == 2 and rows["mistral-large-3-2-nodes"]["gpu"] == "H100:8"
     assert rows["mistral-large-3"]["quantization"] == "fp8" and rows["mistral-large-3-nvfp4"]["quantization"] == "nvfp4"
     assert rows["mistral-large-3-nvfp4"]["weights_gib"] < 0.6 * rows["mistral-large-3"]["weights_gib"]
+
+
+def test_plan_of_a_model_across_two_nodes_prices_both(sky_session: Any) -> None:
+    """Mistral Large 3's FP8 weights on H100: more than one node of eight; two of them, priced together."""
+    plan = _plan_json("mistral-large-3-2-nodes", "--cloud", "aws", "--gpu", "H100:8")
+    (h100,) = plan["estimates"]
+    assert h100["fits"] and h100["usable_gib"] == pytest.approx(2 * 8 * 80 * 0.9)
+    offers = {(o["region"], o["instance_type"]): o for o in plan["offers"]}
+    on_demand, spot = _aws_prices("p5.48xlarge", "us-east-1")
+    offer = offers[("us-east-1", "p5.48xlarge")]
+    assert offer["nodes"] == 2
+    assert offer["price_per_hour"] == pytest.approx(2 * on_demand)
+    assert offer["spot_price_per_hour"] == pytest.approx(2 * spot)
+    assert offer["monthly"] == pytest.approx(2 * on_demand * HOURS_PER_MONTH, rel=1e-3)
+    # the throughput ceiling counts both nodes' GPUs: the same $/Mtok floor as one node would give
+    ceiling = plan["throughput_estimate"]["output_tokens_per_s_ceiling"]["H100:8"]
+    assert offer["usd_per_mtok_output_floor"] == pytest.approx(2 * on_demand / (ceiling * 3600) * 1e6, rel=1e-2)
+    text = run_cli("plan", "mistral-large-3-2-nodes", "--cloud", "aws", "--gpu", "H100:8")
+    assert text.exit_code == 0 and "H100:8 x2 nodes" in text.stdout
+
+
+def test_one_node_too_small_names_the_nodes_that_would_do(sky_session: Any) -> None:
+    result = run_cli("plan", "mistral-large-3", "--cloud", "aws", "--gpu", "H100:8")
+    assert result.exit_code == 4
+    assert "does not fit H100:8" in result.output and "--gpu H100:8 --nodes 2" in result.output
+    two = run_cli("validate", "mistral-large-3", "--gpu", "H100:8", "--nodes", "2")
+    assert two.exit_code == 0 and "H100:8 x 2 nodes: fits" in two.stdout

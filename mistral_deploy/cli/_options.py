@@ -33,6 +33,8 @@ Allow = Annotated[
 ]
 Ttl = Annotated[Optional[str], typer.Option("--ttl", help="Tear down after this long: 30m, 4h, 1d; none: never.")]
 Port = Annotated[Optional[int], typer.Option("--port", help="Gateway port.")]
+Nodes = Annotated[Optional[int], typer.Option("--nodes", help="Machines the engine spans, for a model larger than "
+                                                               "one node (pipeline parallelism across them).")]
 
 
 def overrides(
@@ -47,11 +49,12 @@ def overrides(
     allow: Optional[list[str]] = None,
     ttl: Optional[str] = None,
     port: Optional[int] = None,
+    nodes: Optional[int] = None,
 ) -> Overrides:
     from mistral_deploy.recipe import Overrides
 
     return Overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
-                     network=network, allow=allow, ttl=ttl, port=port)
+                     network=network, allow=allow, ttl=ttl, port=port, nodes=nodes)
 
 
 def load(recipe: str, flags: Overrides) -> LoadedRecipe:

@@ -5,12 +5,13 @@ Prices come from SkyPilot's own catalog (mistral_deploy.pricing); this is the on
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mistral_deploy.cli import app
-from mistral_deploy.cli._options import Cloud, Gpu, RecipeArg, Region, Spot, load, overrides
+from mistral_deploy.cli._options import Cloud, Gpu, Nodes, RecipeArg, Region, Spot, load, overrides
 from mistral_deploy.cli._output import Output
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ AllFlag = Annotated[
 def plan(
     recipe: RecipeArg,
     gpu: Gpu = None,
+    nodes: Nodes = None,
     cloud: Cloud = None,
     region: Region = None,
     spot: Spot = None,
@@ -45,7 +47,7 @@ def plan(
     from mistral_deploy.recipe import LOCAL_CLOUD
 
     out = Output(json_mode=json_out)
-    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, spot=spot))
+    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, spot=spot))
     r = loaded.recipe
     if not r.resources.gpu:
         raise RecipeError(f"{loaded.source}: resources.gpu: plan needs a GPU to price; pass --gpu, e.g. --gpu A10G")
@@ -70,7 +72,8 @@ def plan(
     replicas = max(1, r.replicas.min) if r.replicas is not None else 1
 
     pricing.ensure_catalogs(clouds, say=out.info)  # a catalog never fetched here: once, with a timeout
-    found = pricing.offers_for(r.resources, candidates, clouds)
+    nodes = r.resources.num_nodes
+    found = [dataclasses.replace(o, nodes=nodes) for o in pricing.offers_for(r.resources, candidates, clouds)]
     offers = pricing.cheapest_first(found, spot=use_spot) if every else pricing.cheapest_per_region(found, spot=use_spot)
     if not offers:
         regions = sorted({r.resources.region_for(c) for c in clouds} - {None})
@@ -117,7 +120,7 @@ def plan(
 # one another, with their price.
 VARIANTS: tuple[tuple[str, ...], ...] = (
     ("mistral-7b-instruct", "mistral-7b-instruct-awq", "mistral-7b-instruct-gptq"),
-    ("mistral-large-3", "mistral-large-3-nvfp4"),
+    ("mistral-large-3", "mistral-large-3-nvfp4", "mistral-large-3-2-nodes"),
 )
 
 
@@ -164,15 +167,16 @@ def _variants(recipe: "Recipe", clouds: list[str], spot: bool) -> list[dict[str,
         except MistralDeployError:
             continue
         arch = architecture_of(variant)
+        nodes = variant.resources.num_nodes
         for gpu in variant.resources.gpu[:1]:
             fit = estimate(variant, gpu, arch) if arch else None
-            best = next(iter(pricing.cheapest_first(pricing.offers_for(recipe.resources, [gpu], clouds), spot=spot)),
-                        None)
+            found = [dataclasses.replace(o, nodes=nodes) for o in pricing.offers_for(recipe.resources, [gpu], clouds)]
+            best = next(iter(pricing.cheapest_first(found, spot=spot)), None)
             rows.append({
                 # the weights' format: the recipe's --quantization, else how the checkpoint stores them
                 "recipe": name, "model": variant.model.id,
                 "quantization": variant.model.quantization or (arch.weights if arch else None),
-                "gpu": str(gpu), "weights_gib": _round(fit.weights_gib, 2) if fit else None,
+                "gpu": str(gpu), "nodes": nodes, "weights_gib": _round(fit.weights_gib, 2) if fit else None,
                 "cheapest": f"{best.cloud} {best.region} {best.instance_type}" if best else None,
                 "price_per_hour": _round(best.hourly(spot=spot), 4) if best else None,
                 "usd_per_mtok_output_floor": _round(_per_mtok(best, {str(gpu): decode_ceiling(variant, gpu)}, spot))
@@ -193,7 +197,7 @@ def _print_variants(out: Output, name: str, rows: list[dict[str, object]]) -> No
     for row in rows:
         table.add_row(
             f"{row['recipe']}{' (this one)' if row['recipe'] == name else ''}",
-            str(row["quantization"] or "16-bit"), str(row["gpu"]),
+            str(row["quantization"] or "16-bit"), _gpus(str(row["gpu"]), int(str(row["nodes"]))),
             "-" if row["weights_gib"] is None else f"{row['weights_gib']:.1f}",
             str(row["cheapest"] or "-"),
             "-" if row["price_per_hour"] is None else f"{row['price_per_hour']:.3f}",
@@ -251,13 +255,18 @@ def _print_plan(
             offer.cloud,
             offer.region,
             offer.instance_type,
-            str(offer.gpu),
-            f"{offer.price:.3f}",
-            "-" if offer.spot_price is None else f"{offer.spot_price:.3f}",
+            _gpus(str(offer.gpu), offer.nodes),
+            f"{offer.hourly(spot=False):.3f}",
+            "-" if offer.spot_price is None else f"{offer.hourly(spot=True):.3f}",
             f"{offer.monthly(spot=use_spot, replicas=replicas):,.0f}",
             _money(_per_mtok(offer, ceilings, use_spot)),
         )
     out.print(table)
+
+
+def _gpus(gpu: str, nodes: int) -> str:
+    """H100:8, or H100:8 x2 nodes (the prices are then those of all the nodes)."""
+    return f"{gpu} x{nodes} nodes" if nodes > 1 else gpu
 
 
 def _money(value: "float | None") -> str:

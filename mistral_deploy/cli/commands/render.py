@@ -9,7 +9,7 @@ import typer
 
 from mistral_deploy.cli import app
 from mistral_deploy.cli._options import (
-    Allow, Cloud, Gpu, Model, Name, Network, Port, RecipeArg, Region, Spot, Ttl, load, overrides,
+    Allow, Cloud, Gpu, Model, Name, Network, Nodes, Port, RecipeArg, Region, Spot, Ttl, load, overrides,
 )
 from mistral_deploy.cli._output import Output
 from mistral_deploy.errors import MistralDeployError
@@ -20,6 +20,7 @@ def render(
     recipe: RecipeArg,
     cloud: Cloud = None,
     gpu: Gpu = None,
+    nodes: Nodes = None,
     region: Region = None,
     model: Model = None,
     name: Name = None,
@@ -38,7 +39,7 @@ def render(
     from mistral_deploy.fit import check_fit
     from mistral_deploy.render import cloud_config, dump_yaml, render_task
 
-    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
+    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name, spot=spot,
                                     network=network, allow=allow, ttl=ttl, port=port))
     check_fit(loaded.recipe)
     files = {("service.yaml" if loaded.recipe.replicas else "task.yaml"): dump_yaml(render_task(loaded.recipe))}

@@ -32,7 +32,7 @@ import typer
 
 from mistral_deploy.cli import app
 from mistral_deploy.cli._options import (
-    Allow, Cloud, Gpu, Model, Name, Network, Port, RecipeArg, Region, Spot, Ttl, load, overrides,
+    Allow, Cloud, Gpu, Model, Name, Network, Nodes, Port, RecipeArg, Region, Spot, Ttl, load, overrides,
 )
 from mistral_deploy.cli._output import Output
 
@@ -120,6 +120,7 @@ def run(
     command: Annotated[list[str], typer.Argument(help="The command to run, after `--`.", show_default=False)],
     cloud: Cloud = None,
     gpu: Gpu = None,
+    nodes: Nodes = None,
     region: Region = None,
     model: Model = None,
     name: Name = None,
@@ -173,8 +174,8 @@ def run(
 
     if shutil.which(command[0]) is None:
         raise MistralDeployError(f"run: command not found: {command[0]!r} (nothing was started)")
-    flags = overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot, network=network,
-                      allow=allow, ttl=ttl, port=port)
+    flags = overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name, spot=spot,
+                      network=network, allow=allow, ttl=ttl, port=port)
     r = load(recipe, flags).recipe
     if not r.is_local and r.replicas is None and ttl is None and r.lifetime.ttl is None:
         # An ephemeral endpoint always ends by itself, even if this runner dies hard (killed, preempted,

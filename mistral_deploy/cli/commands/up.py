@@ -13,7 +13,7 @@ import typer
 
 from mistral_deploy.cli import app
 from mistral_deploy.cli._options import (
-    DEFAULT_RECIPE, Allow, Cloud, Gpu, Model, Name, Network, OptionalRecipeArg, Port, Region, Spot, Ttl, load,
+    DEFAULT_RECIPE, Allow, Cloud, Gpu, Nodes, Model, Name, Network, OptionalRecipeArg, Port, Region, Spot, Ttl, load,
     overrides,
 )
 from mistral_deploy.cli._output import Output
@@ -31,6 +31,7 @@ def up(
     recipe: OptionalRecipeArg = DEFAULT_RECIPE,
     cloud: Cloud = None,
     gpu: Gpu = None,
+    nodes: Nodes = None,
     region: Region = None,
     model: Model = None,
     name: Name = None,
@@ -50,7 +51,7 @@ def up(
     from mistral_deploy.state import StateStore
 
     out = Output(json_mode=json_out)
-    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, name=name, spot=spot,
+    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name, spot=spot,
                                     network=network, allow=allow, ttl=ttl, port=port))
     asked = loaded.recipe
     for caution in asked.cautions():

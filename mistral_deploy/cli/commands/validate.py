@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mistral_deploy.cli import app
-from mistral_deploy.cli._options import Cloud, Gpu, Model, Network, RecipeArg, Region, Spot, Ttl, load, overrides
+from mistral_deploy.cli._options import (Cloud, Gpu, Model, Network, Nodes, RecipeArg, Region, Spot, Ttl, load,
+                                         overrides)
 from mistral_deploy.cli._output import Output
 
 
@@ -12,6 +13,7 @@ def validate(
     recipe: RecipeArg,
     cloud: Cloud = None,
     gpu: Gpu = None,
+    nodes: Nodes = None,
     region: Region = None,
     model: Model = None,
     spot: Spot = None,
@@ -22,7 +24,7 @@ def validate(
     from mistral_deploy.fit import architecture_of, check_fit
 
     out = Output()
-    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, region=region, model=model, spot=spot,
+    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, spot=spot,
                                     network=network, ttl=ttl))
     estimates = check_fit(loaded.recipe)
     out.data(f"{loaded.source}: valid")

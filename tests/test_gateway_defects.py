@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import yaml
 
 from local_support import (Deployed, cli, cli_env, down_and_assert_gone, free_port, tiny_recipe, up,
                            with_group_members)
+from conftest import ENGINE_PYTHON
+from mistral_deploy import resources_dir
 from mistral_deploy.gateway import GUARDRAIL_PROMPTS
 from mistral_deploy.recipe import builtin_recipes_dir
 
@@ -33,11 +36,30 @@ BODY_TOTAL = 4  # seconds: limits.body_total_timeout of the endpoint under test
 MAX_MEDIA = 1024  # bytes: limits.max_media_size of the endpoint under test
 
 
+def reasoning_tokenizer(folder: Path) -> Path:
+    """The tiny model's tokenizer (its builder's, templates/build_tiny_model.py) with the two tokens a
+    reasoning parser looks for, <think> and </think>, built by the engine's Python. vLLM's `deepseek_r1` parser
+    takes a model's output up to </think> as its reasoning, all of it when the model writes no </think> (the
+    tiny model never does): every chat answer of this engine comes back as `reasoning`, as a reasoning
+    model's trace does, content null. Mistral's own parser (`mistral`) needs Mistral's tokenizer format."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import build_tiny_model as b\n"
+            "t = b.build_tokenizer(); t.add_special_tokens({'additional_special_tokens': ['<think>', '</think>']})\n"
+            "t.save_pretrained(sys.argv[2])\n")
+    assert ENGINE_PYTHON, "the engine's Python (scripts/install.sh installs it)"
+    done = subprocess.run([ENGINE_PYTHON, "-c", code, str(resources_dir("templates")), str(folder)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder
+
+
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Deployed]:
     home = tmp_path_factory.mktemp("defects")
     model = yaml.safe_load((builtin_recipes_dir() / "tiny-mistral.yaml").read_text())["model"]
-    model["vllm_args"] = list(model.get("vllm_args") or []) + ["--enable-log-requests"]  # shows `seed`
+    # shows `seed`; and the reasoning parser of a reasoning model (reasoning_tokenizer)
+    model["vllm_args"] = list(model.get("vllm_args") or []) + [
+        "--enable-log-requests", "--tokenizer", str(reasoning_tokenizer(home / "tokenizer")),
+        "--reasoning-parser", "deepseek_r1"]
     recipe = tiny_recipe(home, "defects", network={"mode": "private", "port": free_port()}, guardrail="mistral",
                          limits={"body_total_timeout": f"{BODY_TOTAL}s", "body_timeout": "10s",
                                  "max_media_size": f"{MAX_MEDIA}"}, model=model)
@@ -297,6 +319,38 @@ def test_the_probe_key_gets_one_token_whatever_the_body_holds(endpoint: Deployed
     finally:
         keys_map.write_text(original)
         os.kill(master, signal.SIGHUP)
+
+
+# ------------------------------------------------------------------------------------ reasoning
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reasoning_trace_comes_back_through_the_gateway_after_the_guardrail(endpoint: Deployed,
+                                                                              stream: bool) -> None:
+    """vLLM 0.32 returns a reasoning model's trace as `reasoning` (its new name for `reasoning_content`), apart
+    from `content`, in a whole answer and in a stream's deltas; the gateway passes both, and the guardrail
+    still opens the prompt."""
+    from openai import OpenAI
+
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        client = OpenAI(base_url=endpoint.endpoint, api_key=endpoint.key, http_client=http)
+        messages = [{"role": "user", "content": "think first"}]
+        if not stream:
+            chat = client.chat.completions.create(model="tiny-mistral", messages=messages, max_tokens=6,
+                                                  extra_body={"return_prompt_text": True})
+            message = chat.choices[0].message.model_dump()
+            assert message["content"] is None and message["reasoning"], message
+            assert chat.model_dump()["prompt_text"].startswith(f"<s>[INST] {GUARDRAIL}\n\n")
+            return
+        reasoning = []
+        with client.chat.completions.create(model="tiny-mistral", messages=messages, max_tokens=6,
+                                            stream=True) as chunks:
+            for chunk in chunks:
+                for choice in chunk.choices:
+                    delta = choice.delta.model_dump()
+                    assert not delta.get("content"), delta
+                    reasoning.append(delta.get("reasoning") or "")
+        assert "".join(reasoning), "no reasoning in the stream"
 
 
 # ------------------------------------------------------------------------------------ media by URL

@@ -89,6 +89,11 @@ def _with_revision(recipe: "Recipe", commit: Optional[str]) -> "Recipe":
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"revision": commit})})
 
 
+def _all_nodes(instance_price: Optional[float], recipe: "Recipe") -> Optional[float]:
+    """The cluster's price per hour from its instance's: every node of a model across several."""
+    return None if instance_price is None else instance_price * recipe.resources.num_nodes
+
+
 def resource_name(deployment_name: str) -> str:
     return NAME_PREFIX + deployment_name
 
@@ -305,7 +310,7 @@ class CloudBackend(_CloudBase):
             # SkyPilot's own part: provisioning, its runtime on the node, the job submitted
             deployment.details["launch_seconds"] = round(time.monotonic() - launch_started, 2)
             cluster = result.cluster
-            price = sdk.hourly_price(cluster)
+            price = _all_nodes(sdk.hourly_price(cluster), recipe)
             deployment.details.update(_cluster_details(cluster), job_id=result.job_id, hourly_price=price,
                                       ends_at=_ends_at(recipe))
             store.save(deployment)
@@ -550,7 +555,7 @@ class CloudBackend(_CloudBase):
                                 secrets={KEY_HASHES_SECRET: hashes_secret(hashes_for(keys))},
                                 global_config=cloud_config(recipe), on_line=lambda _line: None)
             staged.details.update(_cluster_details(result.cluster), job_id=result.job_id,
-                                  hourly_price=sdk.hourly_price(result.cluster),
+                                  hourly_price=_all_nodes(sdk.hourly_price(result.cluster), recipe),
                                   ends_at=_ends_at(recipe))
             self._until_ready(recipe, staged, staging, result.cluster, result.job_id, hf_token,
                               next(iter(keys.values())), phase, held)

@@ -365,8 +365,12 @@ def decode_ceiling(recipe: Recipe, gpu: GpuRequest, nodes: Optional[int] = None)
     if arch is None or bandwidth is None:
         return None
     kv_bytes = kv_bytes_per_token(arch, _kv_dtype_bytes(recipe.model.vllm_args))
+    nodes = nodes or recipe.resources.num_nodes
     # a mixture of experts reads its active parameters per token (fewer than all when the batch's tokens
-    # share experts: counting the active ones keeps this an upper bound)
+    # share experts: counting the active ones keeps this an upper bound). Across nodes (pipeline stages),
+    # the requests split into one batch per stage in flight: each stage reads its share of the weights once
+    # per batch, so a round of all the requests still reads the whole weights at one node's bandwidth; only
+    # the KV cache's reads are shared out.
     step_bytes = (weights_bytes(recipe.model.dtype, recipe.model.quantization, arch, arch.active_params_b)
-                  + ESTIMATE_CONCURRENCY * ESTIMATE_CONTEXT * kv_bytes)
-    return ESTIMATE_CONCURRENCY * bandwidth * 1e9 * gpu.count * (nodes or recipe.resources.num_nodes) / step_bytes
+                  + ESTIMATE_CONCURRENCY * ESTIMATE_CONTEXT * kv_bytes / nodes)
+    return ESTIMATE_CONCURRENCY * bandwidth * 1e9 * gpu.count / step_bytes

@@ -433,7 +433,7 @@ class LimitsSpec(_Spec):
                             description="output tokens per completion: a larger max_tokens is refused, "
                                         "and the engine caps requests that give none")
     max_media_size: Optional[str] = Field(
-        None, pattern=r"^[0-9]+[kKmM]?$",
+        None, pattern=r"^[1-9][0-9]*[kKmM]?$",
         description="largest image (audio, video) one chat message part may carry as a base64 data: URL, "
                     "decoded (400 past it); network.max_body_size follows it unless set. None: the body "
                     "size alone bounds it")

@@ -40,12 +40,24 @@ var DATA_URL_RE = /^data:/i;
 // scheme, then the host alone: no user info (`user@host`), no backslash tricks
 var HTTP_URL_RE = /^https?:\/\/([A-Za-z0-9.-]+)(?::[0-9]{1,5})?(?:[\/?#]|$)/;
 
-// The bytes a base64 data: URL decodes to (its payload after the comma; padding not counted).
+// The bytes base64 text decodes to (padding not counted).
+function base64Bytes(text) {
+    var pad = text.charAt(text.length - 1) !== '=' ? 0 : text.charAt(text.length - 2) === '=' ? 2 : 1;
+    return Math.floor(text.length / 4) * 3 + Math.max(0, (text.length % 4) - 1) - pad;
+}
+
+// The bytes a data: URL carries: its payload after the comma, decoded when it says ;base64, else as written.
 function dataUrlBytes(url) {
     var comma = url.indexOf(',');
-    var payload = comma < 0 ? '' : url.substring(comma + 1);
-    var pad = payload.charAt(payload.length - 1) !== '=' ? 0 : payload.charAt(payload.length - 2) === '=' ? 2 : 1;
-    return Math.floor(payload.length / 4) * 3 + Math.max(0, (payload.length % 4) - 1) - pad;
+    if (comma < 0) {
+        return 0;
+    }
+    var payload = url.substring(comma + 1);
+    return /;base64$/i.test(url.substring(0, comma)) ? base64Bytes(payload) : payload.length;
+}
+
+function overMedia(where, size, maxBytes) {
+    return where + ': ' + size + ' bytes, more than this endpoint takes in one part (at most ' + maxBytes + ')';
 }
 
 // Why a chat request's media cannot be taken, or null.
@@ -65,6 +77,13 @@ function mediaProblem(body, domains, maxBytes) {
             if (!part || typeof part !== 'object') {
                 continue;
             }
+            // audio given inline (OpenAI's input_audio: raw base64, no URL)
+            var audio = part.input_audio;
+            if (maxBytes && audio && typeof audio === 'object' && typeof audio.data === 'string'
+                && base64Bytes(audio.data) > maxBytes) {
+                return overMedia('messages[' + i + '].content[' + j + '].input_audio', base64Bytes(audio.data),
+                                 maxBytes);
+            }
             for (var k = 0; k < MEDIA_PARTS.length; k++) {
                 var ref = part[MEDIA_PARTS[k]];
                 if (ref === undefined || ref === null) {
@@ -74,8 +93,7 @@ function mediaProblem(body, domains, maxBytes) {
                 if (typeof url === 'string' && DATA_URL_RE.test(url)) {
                     var size = maxBytes ? dataUrlBytes(url) : 0;
                     if (size > maxBytes) {
-                        return 'messages[' + i + '].content[' + j + '].' + MEDIA_PARTS[k] + ': ' + size
-                            + ' bytes, more than this endpoint takes in one part (at most ' + maxBytes + ')';
+                        return overMedia('messages[' + i + '].content[' + j + '].' + MEDIA_PARTS[k], size, maxBytes);
                     }
                     continue;
                 }

@@ -335,7 +335,9 @@ def test_up_across_two_nodes_hands_each_node_its_own_token_file(fake, vm, store,
     over SSH to each node (a file of its own: nodes may share their home), never a SkyPilot secret."""
     vm.start(tls_dir=tmp_path / "vm-tls")
     recipe = make_recipe(nodes=2)
-    CloudBackend().up(recipe, store, Phases())
+    deployment = CloudBackend().up(recipe, store, Phases())
+    # the price recorded (status, cost so far, bench's $/Mtok) is that of both nodes
+    assert fake.price and deployment.details["hourly_price"] == pytest.approx(2 * fake.price)
     launch = next(c for c in fake.calls if c.method == "launch")
     assert launch.args["task_config"]["num_nodes"] == 2
     assert launch.args["task_config"]["secrets"] == {KEY_HASHES_SECRET: None} and HF not in str(launch.args)

@@ -160,3 +160,16 @@ def test_the_format_thresholds_are_the_pinned_vllms() -> None:
     assert seen["fp8_native"] == [89] and FORMAT_SUPPORT["fp8"].native == 8.9
     # Marlin runs FP8 and FP4 weights from 7.5: the fallback between the minimum and native compute
     assert seen["marlin"] == {"70": [False, False], "75": [True, True], "80": [True, True], "90": [True, True]}
+
+
+def test_nodes_add_memory_not_decode_speed() -> None:
+    """Pipeline stages on more nodes hold a larger model; a round of requests still reads the whole weights at
+    one node's bandwidth, so the throughput ceiling grows only by the KV cache's share."""
+    from mistral_deploy.fit import decode_ceiling
+    from mistral_deploy.recipe import GpuRequest, load_recipe
+
+    recipe = load_recipe("mistral-large-3-2-nodes").recipe
+    gpu = GpuRequest(name="H100", count=8)
+    one, two = decode_ceiling(recipe, gpu, 1), decode_ceiling(recipe, gpu, 2)
+    assert one is not None and two is not None
+    assert one < two < 1.5 * one

@@ -417,6 +417,21 @@ def test_an_image_over_the_recipes_media_size_never_reaches_the_engine(endpoint:
     assert _engine_chats(endpoint) == before + 1, at_limit.text
 
 
+@pytest.mark.parametrize("part, where", [
+    ({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"a" * (MAX_MEDIA + 1)).decode(),
+                                             "format": "wav"}}, "input_audio"),
+    ({"type": "image_url", "image_url": {"url": "data:image/svg+xml," + "<" * (MAX_MEDIA + 1)}}, "image_url"),
+], ids=["inline-audio", "not-base64"])
+def test_other_media_forms_over_the_size_never_reach_the_engine(endpoint: Deployed, part: dict[str, Any],
+                                                                where: str) -> None:
+    before = _engine_chats(endpoint)
+    answer = _chat(endpoint, [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}])
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"].startswith(f"messages[0].content[1].{where}: {MAX_MEDIA + 1} bytes")
+    time.sleep(0.3)
+    assert _engine_chats(endpoint) == before
+
+
 @pytest.mark.parametrize("extra, field", [({"n": 99}, "n"), ({"max_tokens": 10**6}, "max_tokens")])
 def test_the_caps_hold_for_a_multimodal_chat(endpoint: Deployed, extra: dict[str, Any], field: str) -> None:
     before = _engine_chats(endpoint)

@@ -332,11 +332,12 @@ def test_plan_of_a_model_across_two_nodes_prices_both(sky_session: Any) -> None:
     assert offer["price_per_hour"] == pytest.approx(2 * on_demand)
     assert offer["spot_price_per_hour"] == pytest.approx(2 * spot)
     assert offer["monthly"] == pytest.approx(2 * on_demand * HOURS_PER_MONTH, rel=1e-3)
-    # the throughput ceiling counts both nodes' GPUs: the same $/Mtok floor as one node would give
+    # the $/Mtok floor: both nodes' price over the pipeline's ceiling (no more than one node's bandwidth
+    # reading the weights: pipeline parallelism adds memory, not decode speed)
     ceiling = plan["throughput_estimate"]["output_tokens_per_s_ceiling"]["H100:8"]
     assert offer["usd_per_mtok_output_floor"] == pytest.approx(2 * on_demand / (ceiling * 3600) * 1e6, rel=1e-2)
     text = run_cli("plan", "mistral-large-3-2-nodes", "--cloud", "aws", "--gpu", "H100:8")
-    assert text.exit_code == 0 and "H100:8 x2 nodes" in text.stdout
+    assert text.exit_code == 0 and "H100:8 x 2 nodes" in text.stdout
 
 
 def test_one_node_too_small_names_the_nodes_that_would_do(sky_session: Any) -> None:

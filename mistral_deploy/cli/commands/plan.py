@@ -265,8 +265,8 @@ def _print_plan(
 
 
 def _gpus(gpu: str, nodes: int) -> str:
-    """H100:8, or H100:8 x2 nodes (the prices are then those of all the nodes)."""
-    return f"{gpu} x{nodes} nodes" if nodes > 1 else gpu
+    """H100:8, or H100:8 x 2 nodes (the prices are then those of all the nodes)."""
+    return f"{gpu} x {nodes} nodes" if nodes > 1 else gpu
 
 
 def _money(value: "float | None") -> str:

@@ -327,6 +327,21 @@ def _more_nodes(recipe: Recipe, arch: Architecture, est: FitEstimate) -> Optiona
     return None
 
 
+def fewer_nodes(recipe: Recipe) -> Optional[str]:
+    """A caution when the recipe spans more nodes than its model needs on every GPU candidate: the extra
+    nodes add cost and a pipeline stage each, no memory the model uses."""
+    arch = architecture_of(recipe)
+    nodes = recipe.resources.num_nodes
+    if arch is None or nodes < 2 or not recipe.resources.gpu:
+        return None
+    fewer = [estimate(recipe, gpu, arch, nodes - 1) for gpu in recipe.resources.gpu]
+    if not fewer or not all(e is not None and e.fits for e in fewer):
+        return None
+    return (f"resources.num_nodes: {recipe.model.id} fits {nodes - 1} node{'s' if nodes > 2 else ''} of "
+            f"{', '.join(str(g) for g in recipe.resources.gpu)}: node {nodes} adds cost and a pipeline stage, "
+            "no memory it needs")
+
+
 def smallest_fit(recipe: Recipe) -> Optional[str]:
     """The smallest GPU set (of the usual ones) the recipe's model fits at its context length: "H100:8", or
     "H100:8 x 2 nodes"."""

@@ -346,3 +346,10 @@ def test_one_node_too_small_names_the_nodes_that_would_do(sky_session: Any) -> N
     assert "does not fit H100:8" in result.output and "--gpu H100:8 --nodes 2" in result.output
     two = run_cli("validate", "mistral-large-3", "--gpu", "H100:8", "--nodes", "2")
     assert two.exit_code == 0 and "H100:8 x 2 nodes: fits" in two.stdout
+
+
+def test_more_nodes_than_the_model_needs_are_pointed_out() -> None:
+    result = run_cli("validate", "mistral-7b-instruct", "--cloud", "aws", "--nodes", "2")
+    assert result.exit_code == 0
+    assert "resources.num_nodes: mistralai/Mistral-7B-Instruct-v0.3 fits 1 node of" in result.output
+    assert "num_nodes" not in run_cli("validate", "mistral-large-3-2-nodes").output

@@ -54,7 +54,9 @@ def up(
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name, spot=spot,
                                     network=network, allow=allow, ttl=ttl, port=port))
     asked = loaded.recipe
-    for caution in asked.cautions():
+    from mistral_deploy.fit import fewer_nodes
+
+    for caution in asked.cautions() + [c for c in [fewer_nodes(asked)] if c]:
         out.warn(caution)
     store = StateStore()
     try:

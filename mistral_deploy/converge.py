@@ -237,8 +237,8 @@ def _cheapest_offer(recipe: "Recipe") -> Any:
 def estimate_price(recipe: "Recipe") -> Optional[float]:
     """$/hour of the cheapest offer for the recipe's first GPU on its clouds (SkyPilot's catalog), every node
     of it, or None when that cannot be told here (no catalog, a cloud without prices). A service: every
-    replica (its minimum, at least one); SkyServe's controller VM is shared by all of a user's services, so it is not in
-    here but apart (serve_controller)."""
+    replica (its minimum, at least one); SkyServe's controller VM is shared by all of a user's services, so
+    it is not in here but apart (serve_controller)."""
     best = _cheapest_offer(recipe)
     if best is None:
         return None

@@ -204,22 +204,24 @@ def kv_bytes_per_token(arch: Architecture, kv_bytes: float, tensor_parallel: int
 
 # CUDA context, activations and the sampler's buffers, per GPU.
 _OVERHEAD_GIB = 1.5
-# Suggestions, from smallest to largest: the first that fits is proposed. Past one node of eight, several
-# such nodes (NAME:8 xN): tensor parallelism within each, pipeline parallelism across them.
-_SUGGEST = ["T4:1", "L4:1", "A10G:1", "L40S:1", "A100:1", "A100-80GB:1", "H100:1", "A10G:4", "L40S:2",
-            "A100:2", "A100-80GB:2", "H100:2", "H200:1", "H200:2", "A100-80GB:4", "H100:4", "H200:4", "B200:4",
-            "A100-80GB:8", "H100:8", "H200:8", "B200:8", "A100-80GB:8x2", "H100:8x2", "H200:8x2", "B200:8x2",
-            "H100:8x4", "H200:8x4", "B200:8x4"]
-
-
-def parse_suggestion(text: str) -> tuple[GpuRequest, int]:
+def _gpus_and_nodes(text: str) -> tuple[GpuRequest, int]:
     """"H100:8x2" -> (H100:8, 2 nodes)."""
     gpu, _, nodes = text.partition("x")
     name, count = gpu.split(":")
     return GpuRequest(name=name, count=int(count)), int(nodes or 1)
 
 
-def describe_gpus(gpu: GpuRequest, nodes: int = 1) -> str:
+# Suggestions, from smallest to largest: the first that fits is proposed. Past one node of eight, several
+# such nodes (NAME:8xN): tensor parallelism within each, pipeline parallelism across them.
+_SUGGEST = [_gpus_and_nodes(text) for text in (
+    "T4:1", "L4:1", "A10G:1", "L40S:1", "A100:1", "A100-80GB:1", "H100:1", "A10G:4", "L40S:2", "A100:2",
+    "A100-80GB:2", "H100:2", "H200:1", "H200:2", "A100-80GB:4", "H100:4", "H200:4", "B200:4", "A100-80GB:8",
+    "H100:8", "H200:8", "B200:8", "A100-80GB:8x2", "H100:8x2", "H200:8x2", "B200:8x2", "H100:8x4", "H200:8x4",
+    "B200:8x4")]
+
+
+def describe_gpus(gpu: "GpuRequest | str", nodes: int = 1) -> str:
+    """H100:8, or H100:8 x 2 nodes."""
     return f"{gpu} x {nodes} nodes" if nodes > 1 else str(gpu)
 
 
@@ -297,34 +299,34 @@ def check_fit(recipe: Recipe) -> list[FitEstimate]:
     estimates = [e for e in (estimate(recipe, gpu, arch) for gpu in recipe.resources.gpu) if e is not None]
     if estimates and not any(e.fits for e in estimates):
         worst = estimates[0]
-        would_fit = _suggestion(recipe, arch)
-        hint = ""
-        if would_fit:
-            gpu, nodes = parse_suggestion(would_fit)
-            hint = f"; would fit: {describe_gpus(gpu, nodes)} ({gpu_flags(gpu, nodes)})"
-        more = _more_nodes(recipe, arch, worst)
-        if more and more.runs:
-            hint += f"{', or' if hint else '; would fit:'} {describe_gpus(more.gpu, more.nodes)} " \
-                    f"({gpu_flags(more.gpu, more.nodes)})"
+        fits = [found for found in (_suggestion(recipe, arch), _more_nodes(recipe, arch, worst)) if found]
+        hint = ("; would fit: " + ", or ".join(f"{describe_gpus(*f)} ({gpu_flags(*f)})" for f in fits)) if fits else ""
         if not worst.runs:
             raise FitError(f"{recipe.model.id}: {worst.kernel_note}{hint}")
         raise FitError(
-            f"{recipe.model.id} does not fit {describe_gpus(worst.gpu, worst.nodes)}: needs about {worst.needed_gib:.0f} GiB "
+            f"{recipe.model.id} does not fit {describe_gpus(worst.gpu, worst.nodes)}: "
+            f"needs about {worst.needed_gib:.0f} GiB "
             f"(weights {worst.weights_gib:.0f} + KV cache {worst.kv_cache_gib:.1f} for {worst.context_tokens} tokens), "
             f"{worst.usable_gib:.0f} GiB usable{hint}"
         )
     return estimates
 
 
-def _more_nodes(recipe: Recipe, arch: Architecture, est: FitEstimate) -> Optional[FitEstimate]:
+def _more_nodes(recipe: Recipe, arch: Architecture, est: FitEstimate) -> Optional[tuple[GpuRequest, int]]:
     """The same GPUs on the fewest more nodes (up to 4 in all) that the model fits, if any."""
     if not est.runs:
         return None
     for nodes in range(est.nodes + 1, max(est.nodes, 4) + 1):
         more = estimate(recipe, est.gpu, arch, nodes)
         if more is not None and more.fits:
-            return more
+            return est.gpu, nodes
     return None
+
+
+def cautions(recipe: Recipe) -> list[str]:
+    """What `validate` and `up` say of a recipe without refusing it: the recipe's own, and a node too many."""
+    extra = fewer_nodes(recipe)
+    return recipe.cautions() + ([extra] if extra else [])
 
 
 def fewer_nodes(recipe: Recipe) -> Optional[str]:
@@ -347,15 +349,14 @@ def smallest_fit(recipe: Recipe) -> Optional[str]:
     "H100:8 x 2 nodes"."""
     arch = architecture_of(recipe)
     found = _suggestion(recipe, arch) if arch is not None else None
-    return describe_gpus(*parse_suggestion(found)) if found else None
+    return describe_gpus(*found) if found else None
 
 
-def _suggestion(recipe: Recipe, arch: Architecture) -> Optional[str]:
-    for text in _SUGGEST:
-        gpu, nodes = parse_suggestion(text)
+def _suggestion(recipe: Recipe, arch: Architecture) -> Optional[tuple[GpuRequest, int]]:
+    for gpu, nodes in _SUGGEST:
         est = estimate(recipe, gpu, arch, nodes)
         if est is not None and est.fits:
-            return text
+            return gpu, nodes
     return None
 
 

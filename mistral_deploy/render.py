@@ -35,11 +35,6 @@ HF_TOKEN_SECRET = "HF_TOKEN"
 # script waits for it, hands it to the download container and deletes it.
 HF_TOKEN_FILE = "~/.mistral-deploy/hf-token.env"
 HF_TOKEN_WAIT_SECONDS = 900
-
-
-def hf_token_file(node: int = 0) -> str:
-    """Where node `node` of a cluster waits for the token: a file of its own (nodes may share their home)."""
-    return HF_TOKEN_FILE if node == 0 else HF_TOKEN_FILE.replace(".env", f"-node{node}.env")
 # On the VM: the gateway's files, mounted read-only into the nginx container at VM_GATEWAY_DIR.
 VM_STATE_DIR = "$HOME/.mistral-deploy"
 VM_GATEWAY_DIR = "/etc/mistral-deploy"
@@ -83,6 +78,10 @@ def guardrail_chat_template() -> str:
 
 NO_MEDIA_DOMAIN = "media.invalid"
 
+
+def hf_token_file(node: int = 0) -> str:
+    """Where node `node` of a cluster waits for the token: a file of its own (nodes may share their home)."""
+    return HF_TOKEN_FILE if node == 0 else HF_TOKEN_FILE.replace(".env", f"-node{node}.env")
 
 
 def engine_args(recipe: Recipe, *, model: str, socket: str, model_positional: bool = False,

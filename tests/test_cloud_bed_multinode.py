@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from testbed import Bed, BedClient, Node, _script_args, nodes_client, testbed, tiny_recipe_data  # noqa: F401
+from testbed import Bed, BedClient, Node, nodes_client, start_nodes, testbed, tiny_recipe_data  # noqa: F401
 
 pytestmark = pytest.mark.testbed
 NAME = "mn"
@@ -30,12 +30,7 @@ NAME = "mn"
 
 @pytest.fixture(scope="module")
 def bed_nodes(testbed: Bed) -> Iterator[list[Node]]:  # noqa: F811  (two nodes are enough here)
-    done = _script_args("start-nodes", "2", timeout=300)
-    try:
-        assert done.returncode == 0, done.stderr[-2000:]
-        yield [Node(*line.split()) for line in done.stdout.splitlines() if line.strip()]
-    finally:
-        _script_args("stop-nodes", timeout=300)
+    yield from start_nodes(2)
 
 
 def docker_on(node: Node, *args: str) -> str:
@@ -122,10 +117,7 @@ def test_down_stops_the_engine_on_every_node(deployment: dict[str, Any], nodes_c
                                              testbed: Bed) -> None:
     done = nodes_client.cli("down", NAME, timeout=600)
     assert done.returncode == 0, done.stderr
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and testbed.slurm_jobs():
-        time.sleep(2)
-    assert testbed.slurm_jobs() == []
+    assert testbed.jobs_after(120) == []
     assert [c for c in nodes_client.clusters() if c.startswith("md-mn")] == []
     deadline = time.monotonic() + 60
     left = {n.name: running(n) for n in deployment["nodes"]}

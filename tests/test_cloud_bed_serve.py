@@ -282,10 +282,7 @@ def test_down_leaves_nothing_behind(service: dict[str, Any], nodes_client: BedCl
     endpoint, _ = endpoint_of(nodes_client)
     done = nodes_client.cli("down", NAME, timeout=600)
     assert done.returncode == 0, done.stderr
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and testbed.slurm_jobs():
-        time.sleep(2)
-    assert testbed.slurm_jobs() == []
+    assert testbed.jobs_after(120) == []
     assert [c for c in nodes_client.clusters() if c.startswith("md-svc")] == []
     port = int(endpoint.split(":")[2].split("/")[0])
     from local_support import port_free

@@ -124,6 +124,13 @@ class Bed:
                              timeout=30).stdout
         return [line for line in out.splitlines() if line.strip()]
 
+    def jobs_after(self, timeout: float = 120) -> list[str]:
+        """The Slurm jobs still there once they are all gone, or `timeout` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.slurm_jobs():
+            time.sleep(2)
+        return self.slurm_jobs()
+
     def node_processes(self) -> list[str]:
         out = subprocess.run(["ps", "-u", self.node_user, "-o", "pid=,args="], capture_output=True,
                              text=True).stdout
@@ -161,16 +168,21 @@ class Node:
         return int(self.name.rsplit("n", 1)[1])
 
 
-@pytest.fixture(scope="module")
-def bed_nodes(testbed: Bed) -> Iterator[list[Node]]:
-    """Four nodes in the bed's `nodes` partition (room for two replicas and two new ones while a rolling
-    update replaces them), stopped with all they ran at the module's end."""
-    done = _script_args("start-nodes", "4", timeout=300)
+def start_nodes(count: int) -> Iterator[list[Node]]:
+    """Nodes 1..count of the bed's `nodes` partition, stopped with all they ran when the generator ends."""
+    done = _script_args("start-nodes", str(count), timeout=300)
     try:
         assert done.returncode == 0, done.stderr[-2000:]
         yield [Node(*line.split()) for line in done.stdout.splitlines() if line.strip()]
     finally:
         _script_args("stop-nodes", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bed_nodes(testbed: Bed) -> Iterator[list[Node]]:
+    """Four nodes in the bed's `nodes` partition (room for two replicas and two new ones while a rolling
+    update replaces them), stopped with all they ran at the module's end."""
+    yield from start_nodes(4)
 
 
 def _script_args(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

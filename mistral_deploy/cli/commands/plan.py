@@ -189,6 +189,8 @@ def _print_variants(out: Output, name: str, rows: list[dict[str, object]]) -> No
     from rich import box
     from rich.table import Table
 
+    from mistral_deploy.fit import describe_gpus
+
     table = Table(title="The same model, other recipes (cheapest offer each)", title_justify="left",
                   box=box.SIMPLE_HEAD)
     for header in ("recipe", "weights", "GPU", "GiB", "cheapest", "$/h", "$/Mtok out (floor)"):
@@ -197,7 +199,7 @@ def _print_variants(out: Output, name: str, rows: list[dict[str, object]]) -> No
     for row in rows:
         table.add_row(
             f"{row['recipe']}{' (this one)' if row['recipe'] == name else ''}",
-            str(row["quantization"] or "16-bit"), _gpus(str(row["gpu"]), int(str(row["nodes"]))),
+            str(row["quantization"] or "16-bit"), describe_gpus(str(row["gpu"]), int(str(row["nodes"]))),
             "-" if row["weights_gib"] is None else f"{row['weights_gib']:.1f}",
             str(row["cheapest"] or "-"),
             "-" if row["price_per_hour"] is None else f"{row['price_per_hour']:.3f}",
@@ -237,6 +239,7 @@ def _print_plan(
     from rich import box
     from rich.table import Table
 
+    from mistral_deploy.fit import describe_gpus
     from mistral_deploy.pricing import HOURS_PER_MONTH
 
     out.data(f"{source}: {recipe.model.id}")
@@ -255,18 +258,13 @@ def _print_plan(
             offer.cloud,
             offer.region,
             offer.instance_type,
-            _gpus(str(offer.gpu), offer.nodes),
+            describe_gpus(offer.gpu, offer.nodes),
             f"{offer.hourly(spot=False):.3f}",
             "-" if offer.spot_price is None else f"{offer.hourly(spot=True):.3f}",
             f"{offer.monthly(spot=use_spot, replicas=replicas):,.0f}",
             _money(_per_mtok(offer, ceilings, use_spot)),
         )
     out.print(table)
-
-
-def _gpus(gpu: str, nodes: int) -> str:
-    """H100:8, or H100:8 x 2 nodes (the prices are then those of all the nodes)."""
-    return f"{gpu} x {nodes} nodes" if nodes > 1 else gpu
 
 
 def _money(value: "float | None") -> str:

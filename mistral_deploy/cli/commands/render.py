@@ -39,8 +39,8 @@ def render(
     from mistral_deploy.fit import check_fit
     from mistral_deploy.render import cloud_config, dump_yaml, render_task
 
-    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name, spot=spot,
-                                    network=network, allow=allow, ttl=ttl, port=port))
+    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name,
+                                    spot=spot, network=network, allow=allow, ttl=ttl, port=port))
     check_fit(loaded.recipe)
     files = {("service.yaml" if loaded.recipe.replicas else "task.yaml"): dump_yaml(render_task(loaded.recipe))}
     config = cloud_config(loaded.recipe)

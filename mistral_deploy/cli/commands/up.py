@@ -13,8 +13,8 @@ import typer
 
 from mistral_deploy.cli import app
 from mistral_deploy.cli._options import (
-    DEFAULT_RECIPE, Allow, Cloud, Gpu, Nodes, Model, Name, Network, OptionalRecipeArg, Port, Region, Spot, Ttl, load,
-    overrides,
+    DEFAULT_RECIPE, Allow, Cloud, Gpu, Model, Name, Network, Nodes, OptionalRecipeArg, Port, Region, Spot, Ttl,
+    load, overrides,
 )
 from mistral_deploy.cli._output import Output
 
@@ -48,15 +48,14 @@ def up(
     an engine restart, a new cluster), or, with nothing changed, re-probe it. Exit 7: local
     engine/gateway; 8: not ready; 9: cloud refused."""
     from mistral_deploy.errors import DeploymentNotFound
+    from mistral_deploy.fit import cautions
     from mistral_deploy.state import StateStore
 
     out = Output(json_mode=json_out)
-    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name, spot=spot,
-                                    network=network, allow=allow, ttl=ttl, port=port))
+    loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, name=name,
+                                    spot=spot, network=network, allow=allow, ttl=ttl, port=port))
     asked = loaded.recipe
-    from mistral_deploy.fit import fewer_nodes
-
-    for caution in asked.cautions() + [c for c in [fewer_nodes(asked)] if c]:
+    for caution in cautions(asked):
         out.warn(caution)
     store = StateStore()
     try:

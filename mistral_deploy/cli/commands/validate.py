@@ -21,7 +21,7 @@ def validate(
     ttl: Ttl = None,
 ) -> None:
     """Validate a recipe (with any overrides) and estimate GPU memory. Exit 3: invalid; exit 4: does not fit."""
-    from mistral_deploy.fit import architecture_of, check_fit, fewer_nodes
+    from mistral_deploy.fit import architecture_of, cautions, check_fit
 
     out = Output()
     loaded = load(recipe, overrides(cloud=cloud, gpu=gpu, nodes=nodes, region=region, model=model, spot=spot,
@@ -30,7 +30,7 @@ def validate(
     out.data(f"{loaded.source}: valid")
     for est in estimates:
         out.data(f"  {est.summary()}")
-    for caution in loaded.recipe.cautions() + [c for c in [fewer_nodes(loaded.recipe)] if c]:
+    for caution in cautions(loaded.recipe):
         out.warn(caution)
     if loaded.recipe.resources.gpu and architecture_of(loaded.recipe) is None:
         out.warn(f"no fit estimate: {loaded.recipe.model.id} is not a known model; set model.architecture")

@@ -126,6 +126,32 @@ class _Streams:
         return self.results
 
 
+class _FirstRefusal:
+    """When the gateway first answered 401 to `key`: a thread asks every 20 ms. The revoke was applied before
+    that answer came, so a stream still running then was in flight when the key was revoked."""
+
+    def __init__(self, deployed: Deployed, key: str) -> None:
+        self._at: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(deployed, key))
+        self._thread.start()
+
+    def _poll(self, deployed: Deployed, key: str) -> None:
+        with httpx.Client(verify=_tls(deployed), trust_env=False, timeout=30) as client:
+            while not self._stop.wait(0.02):
+                answer = client.get(f"{deployed.endpoint}/models", headers={"Authorization": f"Bearer {key}"})
+                if answer.status_code == 401:
+                    self._at = time.monotonic()
+                    return
+                assert answer.status_code == 200, answer.text
+
+    def at(self) -> float:
+        self._thread.join(timeout=30)
+        self._stop.set()
+        assert self._at is not None, "the gateway never refused the revoked key"
+        return self._at
+
+
 def _assert_whole(results: list[dict[str, Any]], count: int, after: float) -> None:
     """Every stream got its 4 x 480 tokens to the end, and was still in flight at `after`."""
     assert len(results) == count
@@ -191,14 +217,16 @@ def test_a_revoked_key_is_refused_at_once_while_its_stream_finishes(converging):
     exported = cli("env", NAME, "--key", "ci-job", env=env).stdout
     assert f"export OPENAI_API_KEY={new['key']}" in exported
 
-    streams = _Streams(deployed, new["key"], 4)
+    streams = _Streams(deployed, new["key"], 8)
+    refusal = _FirstRefusal(deployed, new["key"])
     revoked = cli("keys", "revoke", NAME, "ci-job", env=env)
-    revoked_at = time.monotonic()
+    returned_at = time.monotonic()
     assert revoked.returncode == 0, revoked.stderr
     refused = httpx.get(f"{deployed.endpoint}/models", headers={"Authorization": f"Bearer {new['key']}"},
                         verify=_tls(deployed), trust_env=False)
-    assert refused.status_code == 401 and time.monotonic() - revoked_at < 1.0
-    _assert_whole(streams.join(), 4, revoked_at)
+    assert refused.status_code == 401 and time.monotonic() - returned_at < 1.0
+    # the streams began with the key and were still running once the gateway refused it
+    _assert_whole(streams.join(), 8, refusal.at())
     assert _client(deployed, deployed.key).models.list().data[0].id == "tiny-mistral"  # key-1 untouched
     assert list(_keys(deployed)) == ["key-1"]
     assert cli("env", NAME, "--key", "ci-job", env=env).returncode == 1

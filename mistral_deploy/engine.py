@@ -160,3 +160,29 @@ def ensure_builtin_model(name: str, python: str, say: Callable[[str], None] = la
             tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-10:])
             raise EngineError(f"could not build the {name} model (exit {out.returncode})", hint=tail)
     return target
+
+
+# The engine's usage plugin (templates/md_usage.py), as a folder vLLM finds on PYTHONPATH: the module and
+# the entry point (group vllm.stat_logger_plugins) that names it. The same files go to the cloud's VMs.
+USAGE_PLUGIN_DIST = "mistral_deploy_usage-1.0.dist-info"
+
+
+def usage_plugin_files() -> dict[str, str]:
+    from mistral_deploy.templates import template_text
+
+    return {
+        "md_usage.py": template_text("md_usage.py"),
+        f"{USAGE_PLUGIN_DIST}/METADATA": "Metadata-Version: 2.1\nName: mistral-deploy-usage\nVersion: 1.0\n",
+        f"{USAGE_PLUGIN_DIST}/entry_points.txt":
+            "[vllm.stat_logger_plugins]\nmistral_deploy_usage = md_usage:UsagePerKey\n",
+    }
+
+
+def write_usage_plugin(folder: Path) -> Path:
+    """The plugin's files under `folder` (written again each time: an upgrade brings its own); the folder."""
+    for name, text in usage_plugin_files().items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return folder
+

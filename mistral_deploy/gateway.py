@@ -63,6 +63,7 @@ class GatewayLayout:
     error_log: str
     access_log: str
     temp_dir: str
+    usage_log: Optional[str] = None  # a second copy of the access log, kept for usage per key (the VM's)
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     user: Optional[str] = None
@@ -116,6 +117,7 @@ def render_gateway_config(recipe: Recipe, layout: GatewayLayout, *, tls: Optiona
         pid_file=layout.pid_file,
         error_log=layout.error_log,
         access_log=layout.access_log,
+        usage_log=layout.usage_log,
         temp_dir=layout.temp_dir,
         tls=tls,
         tls_cert=layout.tls_cert,

@@ -5,7 +5,9 @@
       gateway/nginx.conf          rendered from templates/nginx.conf.j2 (no secret in it)
       gateway/gateway.js          the gateway's key hashing and body limits (njs)
       gateway/tls/                ca.pem (clients pin it), cert.pem, key.pem (0600)
-      gateway/error.log, access.log (never a key: see the template's log_format)
+      gateway/error.log, access.log (never a key: see the template's log_format; its key ids count requests
+                                  per key for `usage`, `top` and `metrics`)
+      usage/engine.jsonl          tokens per key id, written by the engine's usage plugin (engine-plugin/)
 
     <a short md-NAME-* folder in the system temp dir>/   this user's, group: the gateway's workers, 2750
       engine.sock                 the engine's Unix socket, 0770: the gateway's workers may open it
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
 
 ENGINE_LOG = "engine.log"
 ENGINE_SOCKET = "engine.sock"
+USAGE_DIR = "usage"  # the engine's usage record (engine.jsonl*); the gateway's is its access.log
+USAGE_PLUGIN_DIR = "engine-plugin"
 GATEWAY_DIR = "gateway"
 # Who runs the gateway's workers when root starts it: the first of these that exists.
 WORKER_USERS = ("www-data", "nobody")
@@ -176,7 +180,7 @@ class LocalBackend:
             deployment.details["engine_socket"] = engine_socket
 
             progress.phase("engine-start", f"vLLM on {engine_socket}")
-            env = self._engine_env(recipe, Path(tmpdir), hf_env)
+            env = self._engine_env(recipe, directory, Path(tmpdir), hf_env)
             argv = [python, "-m", "vllm.entrypoints.openai.api_server",
                     *engine_args(recipe, model=model, socket=engine_socket)]
             engine_ref = processes.spawn(argv, env=env, log=directory / ENGINE_LOG, cwd=directory, umask=0o007)
@@ -240,8 +244,12 @@ class LocalBackend:
             raise
 
     @staticmethod
-    def _engine_env(recipe: "Recipe", tmpdir: Path, hf_env: dict[str, str]) -> dict[str, str]:
+    def _engine_env(recipe: "Recipe", directory: Path, tmpdir: Path, hf_env: dict[str, str]) -> dict[str, str]:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+        # the usage plugin (tokens per key id, templates/md_usage.py): found by vLLM on PYTHONPATH, writing
+        # into usage/, which outlives engine restarts
+        env["PYTHONPATH"] = str(engine.write_usage_plugin(directory / USAGE_PLUGIN_DIR))
+        env["MD_USAGE_DIR"] = str(_usage_dir(directory))
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         env["TMPDIR"] = str(tmpdir / "engine")
         env["VLLM_CACHE_ROOT"] = str(engine.engine_dir() / "cache")
@@ -399,7 +407,7 @@ class LocalBackend:
                 progress.phase("engine-start", f"vLLM on {engine_socket}")
                 argv = [python, "-m", "vllm.entrypoints.openai.api_server",
                         *engine_args(recipe, model=model, socket=engine_socket)]
-                engine_ref = processes.spawn(argv, env=self._engine_env(recipe, Path(tmpdir), hf_env),
+                engine_ref = processes.spawn(argv, env=self._engine_env(recipe, directory, Path(tmpdir), hf_env),
                                              log=directory / ENGINE_LOG, cwd=directory, umask=0o007)
                 details["engine"] = engine_ref.to_json()
             deployment.phase = "updating" if restart_engine else deployment.phase
@@ -598,6 +606,12 @@ def worker_user() -> Optional[tuple[str, int]]:
         except KeyError:
             continue
     raise EngineError(f"no unprivileged user ({' or '.join(WORKER_USERS)}) to run the gateway's workers as")
+
+
+def _usage_dir(directory: Path) -> Path:
+    folder = directory / USAGE_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
 
 
 def _make_tmpdir(name: str) -> str:

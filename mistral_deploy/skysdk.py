@@ -608,6 +608,17 @@ class SkySdk:
             raise CloudError(f"on {cluster_name}: {lines[-1] if lines else f'exit code {done.returncode}'}")
         return done.stdout
 
+    def stream_on_head(self, cluster_name: str, script: str) -> subprocess.Popen[str]:
+        """Start a bash script on the head node through SkyPilot's SSH access and return at once: the caller
+        reads its output lines as they come, and terminates it. The script travels on ssh's standard input."""
+        argv = self._ssh_base(cluster_name) + ["-o", "ServerAliveInterval=15", cluster_name, "bash -s"]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, bufsize=1)
+        assert proc.stdin is not None
+        proc.stdin.write(script)
+        proc.stdin.close()
+        return proc
+
     def open_tunnel(self, cluster_name: str, *, remote_host: str, remote_port: int,
                     local_port: int = 0, timeout: float = 60.0) -> Tunnel:
         """Forward 127.0.0.1:local_port (0: a free one) to remote_host:remote_port as seen from the head."""

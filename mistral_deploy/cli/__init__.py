@@ -23,7 +23,7 @@ DEBUG_ENV = "MISTRAL_DEPLOY_DEBUG"  # set: unexpected errors show their tracebac
 # OTHER_SECTION (tests/test_cli_help.py checks that every command is in exactly one).
 COMMAND_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Create and change", ("up", "down", "run", "ttl", "keys")),
-    ("Use and watch", ("status", "env", "tunnel", "logs", "bench")),
+    ("Use and watch", ("status", "env", "tunnel", "logs", "top", "usage", "metrics", "bench")),
     ("Recipes", ("recipes", "validate", "plan", "render", "schema", "cache")),
     ("Setup", ("doctor", "init", "engine", "exit-codes")),
 )

@@ -13,7 +13,8 @@ from typing import Optional
 # command name -> its module, in the order `--help` lists a command that no section names
 MODULES = {
     "up": "up", "down": "down", "run": "run", "ttl": "ttl", "keys": "keys",
-    "status": "status", "env": "env", "tunnel": "tunnel", "logs": "logs", "bench": "bench",
+    "status": "status", "env": "env", "tunnel": "tunnel", "logs": "logs", "top": "top", "usage": "usage",
+    "metrics": "metrics", "bench": "bench",
     "recipes": "recipes", "validate": "validate", "plan": "plan", "render": "render", "schema": "schema",
     "cache": "cache",
     "doctor": "doctor", "init": "init", "engine": "engine", "exit-codes": "exit_codes",

@@ -43,6 +43,13 @@ VM_GATEWAY_DIR = "/etc/mistral-deploy"
 # so that exactly root and the gateway's workers (the nginx image's user, uid/gid 101) can open it.
 VM_ENGINE_DIR = "/run/mistral-deploy"
 VM_ENGINE_SOCKET = f"{VM_ENGINE_DIR}/engine.sock"
+# The usage records ($MD_DIR/usage on the host): the gateway's access log copy, the engine's usage plugin's
+# engine.jsonl; mounted in both containers. The plugin itself: $MD_DIR/engine-plugin, on the engine's
+# PYTHONPATH. At USAGE_MAX_BYTES a record is rotated, USAGE_BACKUPS kept (as the containers' logs).
+VM_USAGE_DIR = "/md-usage"
+VM_PLUGIN_DIR = "/md-plugin"
+USAGE_MAX_BYTES = 20 * 1024 * 1024
+USAGE_BACKUPS = 5
 GATEWAY_USER, GATEWAY_GID = "nginx", 101
 # A SkyServe replica's gateway admits its load balancer's address alone: the controller's, known only once
 # the controller runs, so it reaches the replica as this variable (`up` sets it) and the run script puts
@@ -211,6 +218,7 @@ def vm_gateway_layout(recipe: Recipe) -> GatewayLayout:
         pid_file="/tmp/nginx.pid",
         error_log="/dev/stderr",
         access_log="/dev/stdout",
+        usage_log=f"{VM_USAGE_DIR}/access.log",
         # nginx creates only the last folder of a temp path: /tmp exists in every image, /tmp/nginx does not
         temp_dir="/tmp",
         tls_cert=f"{VM_GATEWAY_DIR}/tls/cert.pem" if tls else None,
@@ -352,6 +360,8 @@ ENGINE_MASTER_PORT = 29501
 
 
 def render_run(recipe: Recipe) -> str:
+    from mistral_deploy.engine import usage_plugin_files
+
     args = engine_args(recipe, model=_model_source(recipe), socket=VM_ENGINE_SOCKET, model_positional=True,
                        tensor_parallel=False)
     aws_region = recipe.resources.region_for("aws") if "aws" in recipe.resources.clouds else None
@@ -393,6 +403,11 @@ def render_run(recipe: Recipe) -> str:
         key_hashes_secret=KEY_HASHES_SECRET,
         load_balancer_env=LOAD_BALANCER_ENV if recipe.replicas is not None else None,
         load_balancer_placeholder=LOAD_BALANCER_PLACEHOLDER,
+        usage_dir=VM_USAGE_DIR,
+        plugin_dir=VM_PLUGIN_DIR,
+        usage_plugin=usage_plugin_files(),
+        usage_max_bytes=USAGE_MAX_BYTES,
+        usage_backups=USAGE_BACKUPS,
     )
 
 

@@ -67,7 +67,7 @@ def test_help_lists_every_command_in_exactly_one_section_in_order() -> None:
     for title, names in COMMAND_SECTIONS:  # in the order the sections give
         assert sections[title] == list(names)
     assert sections["Create and change"] == ["up", "down", "run", "ttl", "keys"]
-    assert sections["Use and watch"] == ["status", "env", "tunnel", "logs", "bench"]
+    assert sections["Use and watch"] == ["status", "env", "tunnel", "logs", "top", "usage", "metrics", "bench"]
     assert sections["Recipes"] == ["recipes", "validate", "plan", "render", "schema", "cache"]
     assert sections["Setup"] == ["doctor", "init", "engine", "exit-codes"]
     # the help texts line up across sections

@@ -92,6 +92,12 @@ def files_holding(secret: str, roots: list[Path]) -> list[Path]:
     return found
 
 
+def metric_series(text: str) -> dict[str, float]:
+    """Prometheus text as {series: value}."""
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                  if line and not line.startswith("#"))}
+
+
 def wait_until(what: str, condition, timeout: float, every: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -160,6 +166,29 @@ def test_private_endpoint_lifecycle_on_slurm(testbed: Bed, bed_client: BedClient
                          ).status_code == 404
         env = bed_client.cli("env", name)
         assert f"OPENAI_BASE_URL={url}" in env.stdout and key in env.stdout
+
+        # what the endpoint did, read on the VM over SkyPilot's SSH access: a request's tokens are counted for
+        # its key exactly as the engine counted them (the records are written once a second)
+        before = metric_series(bed_client.cli("metrics", name).stdout)
+        client.completions.create(model="tiny-mistral", prompt="a", max_tokens=7)
+        deadline = time.monotonic() + 20
+        while True:
+            after = metric_series(bed_client.cli("metrics", name).stdout)
+            grew = {n: after.get(n, 0.0) - before.get(n, 0.0) for n in after}
+            vllm_grew = sum(v for n, v in grew.items() if n.startswith("vllm:generation_tokens_total{"))
+            if grew.get('mistral_deploy_completion_tokens_total{key="key-1"}') == vllm_grew == 7:
+                break
+            assert time.monotonic() < deadline, grew
+            time.sleep(1)
+        assert sum(v for n, v in grew.items() if n.startswith("vllm:prompt_tokens_total{")) == \
+            grew['mistral_deploy_prompt_tokens_total{key="key-1"}'] > 0
+        rows = {r["key"]: r for r in json.loads(bed_client.cli("usage", name, "--json").stdout)["keys"]}
+        assert rows["key-1"]["outcomes"]["2xx"] >= 3 and rows["-"]["outcomes"]["401/403"] >= 1
+        top = bed_client.cli("top", name, "--once", "--json")
+        assert top.returncode == 0, top.stderr[-2000:]
+        snapshot = json.loads(top.stdout)
+        assert snapshot["total"]["engines_up"] == 1 and snapshot["total"]["ttft"]["count"] >= 3
+        assert {r["key"] for r in snapshot["keys"]} >= {"key-1", "-"} and key not in top.stdout
     finally:
         tunnel.send_signal(signal.SIGINT)
         assert tunnel.wait(timeout=30) == 0

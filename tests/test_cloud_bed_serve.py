@@ -183,6 +183,18 @@ def test_the_official_client_through_the_load_balancer(service: dict[str, Any], 
                         ).status_code == 401
         assert http.get(endpoint.removesuffix("/v1") + "/metrics",
                         headers={"Authorization": f"Bearer {key}"}).status_code == 404
+    # what each replica did, read on it over SkyPilot's SSH access, and the service's total
+    top = nodes_client.cli("top", NAME, "--once", "--json")
+    assert top.returncode == 0, top.stderr[-2000:]
+    snapshot = json.loads(top.stdout)
+    assert len(snapshot["replicas"]) == 2 and all(r["engine_up"] for r in snapshot["replicas"]), snapshot
+    assert snapshot["total"]["engines_up"] == 2
+    rows = {r["key"]: r for r in snapshot["keys"]}
+    assert rows["key-1"]["outcomes"]["2xx"] >= sent + 1 and rows["key-1"]["completion_tokens"] >= 3 * sent
+    metrics = nodes_client.cli("metrics", NAME).stdout
+    assert {m.group(1) for m in re.finditer(r'^vllm:generation_tokens_total\{replica="([0-9]+)"', metrics, re.M)} \
+        == {l.removeprefix("replica ") for l in (r["label"] for r in snapshot["replicas"])}
+    assert 'mistral_deploy_completion_tokens_total{replica="' in metrics
     # a replica admits the load balancer alone: another machine of the bed's network gets 403
     spare = next(n for n in service["nodes"] if n not in nodes.values())
     replica = next(iter(nodes.values()))

@@ -187,6 +187,102 @@ def test_the_same_recipe_again_changes_nothing_and_dry_run_only_shows(converging
     assert "rate=1200r/m" in (before.dir / "gateway" / "nginx.conf").read_text()
 
 
+def _engine_counts(deployed: Deployed) -> tuple[float, float]:
+    """vLLM's own counters, read from the engine's socket: prompt and generated tokens since it started."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=deployed.engine_socket), trust_env=False) as engine:
+        text = engine.get("http://engine/metrics").text
+    totals = {"vllm:prompt_tokens_total": 0.0, "vllm:generation_tokens_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["vllm:prompt_tokens_total"], totals["vllm:generation_tokens_total"]
+
+
+def _usage(state: dict[str, Any], since: str = "all") -> dict[str, dict[str, Any]]:
+    done = cli("usage", NAME, "--since", since, "--json", env=state["env"])
+    assert done.returncode == 0, done.stderr
+    return {row["key"]: row for row in json.loads(done.stdout)["keys"]}
+
+
+def _tokens(rows: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    return (sum(r["prompt_tokens"] for r in rows.values()), sum(r["completion_tokens"] for r in rows.values()))
+
+
+def _settled(state: dict[str, Any], deployed: Deployed, usage_before: dict[str, Any],
+             engine_before: tuple[float, float]) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Usage once the records caught up with the engine (written once a second), and the engine's increase."""
+    deadline = time.monotonic() + 15
+    while True:
+        rows, engine_now = _usage(state), _engine_counts(deployed)
+        grew = tuple(int(a - b) for a, b in zip(engine_now, engine_before))
+        counted = tuple(a - b for a, b in zip(_tokens(rows), _tokens(usage_before)))
+        if counted == grew or time.monotonic() > deadline:
+            return rows, grew
+        time.sleep(0.5)
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any], key: str, field: str) -> Any:
+    if field == "outcomes":
+        old = before.get(key, {}).get("outcomes", {})
+        return {o: n - old.get(o, 0) for o, n in after[key]["outcomes"].items()}
+    return after[key][field] - before.get(key, {}).get(field, 0)
+
+
+def test_usage_per_key_counts_exactly_what_the_engine_counted(converging):
+    deployed = _deployed(converging)
+    engine_before, usage_before = _engine_counts(deployed), _usage(converging)
+    client = _client(deployed, deployed.key)
+    chat = client.chat.completions.create(model="tiny-mistral", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=12)
+    assert chat.usage.completion_tokens == 12
+    counted = list(client.completions.create(model="tiny-mistral", prompt="a b c", max_tokens=30, stream=True,
+                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert counted[-1].usage.completion_tokens == 30
+    # a stream that did not ask for usage gets none: counting takes nothing from what the client receives
+    plain = list(client.completions.create(model="tiny-mistral", prompt="a", max_tokens=20, stream=True,
+                                           extra_body={"ignore_eos": True}))
+    assert all(chunk.usage is None for chunk in plain) and plain[-1].choices[0].finish_reason == "length"
+    # cancelled half way: two completions of up to 400 tokens, the connection closed after 20 chunks
+    with httpx.stream("POST", f"{deployed.endpoint}/completions", verify=_tls(deployed), trust_env=False, timeout=60,
+                      headers={"Authorization": f"Bearer {deployed.key}"},
+                      json={"model": "tiny-mistral", "prompt": "a", "max_tokens": 400, "n": 2, "stream": True,
+                            "ignore_eos": True}) as cancelled:
+        for number, _line in enumerate(cancelled.iter_lines()):
+            if number >= 20:
+                break
+    root = deployed.endpoint.rsplit("/v1", 1)[0]
+    assert httpx.get(f"{deployed.endpoint}/models", headers={"Authorization": "Bearer md-" + "x" * 43},
+                     verify=_tls(deployed), trust_env=False).status_code == 401
+    assert httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {deployed.key}"},
+                     verify=_tls(deployed), trust_env=False).status_code == 404  # key holders: no metrics
+
+    rows, (prompt, generated) = _settled(converging, deployed, usage_before, engine_before)
+    assert 12 + 30 + 20 + 2 * 10 <= generated < 12 + 30 + 20 + 2 * 400  # the cancelled one stopped early
+    # every token the engine counted, counted for the key that asked for it
+    assert (_delta(rows, usage_before, "key-1", "prompt_tokens"), _delta(rows, usage_before, "key-1",
+                                                                        "completion_tokens")) == (prompt, generated)
+    assert _delta(rows, usage_before, "key-1", "outcomes") == {"2xx": 4, "401/403": 0, "429": 0, "4xx": 1, "5xx": 0}
+    assert _delta(rows, usage_before, "-", "outcomes")["401/403"] == 1
+    assert all(deployed.key not in json.dumps(r) for r in rows.values())
+
+    text = cli("metrics", NAME, env=converging["env"]).stdout
+    series = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(series['mistral_deploy_completion_tokens_total{key="key-1"}']) == rows["key-1"]["completion_tokens"]
+    assert float(series['mistral_deploy_requests_total{key="-",outcome="401/403"}']) >= 1
+    assert any(name.startswith("vllm:generation_tokens_total{") for name in series)
+
+    top = cli("top", NAME, "--once", "--json", "--interval", "0.5", env=converging["env"])
+    assert top.returncode == 0, top.stderr
+    snapshot = json.loads(top.stdout)
+    assert snapshot["total"]["engines_up"] == 1 and set(snapshot["total"]["requests_per_s"]) >= {"2xx", "429"}
+    assert snapshot["total"]["ttft"]["count"] > 0 and snapshot["total"]["ttft"]["p95"] > 0
+    assert {r["key"]: r["completion_tokens"] for r in snapshot["keys"]}["key-1"] == rows["key-1"]["completion_tokens"]
+    screen = cli("top", NAME, "--once", "--interval", "0.5", env={**converging["env"], "COLUMNS": "80"}).stdout
+    assert "TTFT p50" in screen and "key-1" in screen and max(len(line) for line in screen.splitlines()) <= 80
+    converging["usage"] = rows
+
+
 def test_a_gateway_change_is_a_reload_that_finishes_every_stream_in_flight(converging):
     before = _deployed(converging)
     streams = _Streams(before, before.key, 8)
@@ -277,3 +373,19 @@ def test_a_dead_engine_shows_in_status_and_up_starts_it_again(converging):
     assert after.engine_socket != before.engine_socket and Path(after.engine_socket).is_socket()
     status = json.loads(cli("status", NAME, "--json", env=converging["env"]).stdout)
     assert status["phase"] == "ready" and status["healthy"] is True
+
+
+def test_usage_is_kept_across_reloads_key_changes_and_engine_restarts(converging):
+    earlier = converging["usage"]  # before a gateway reload, a key added and revoked, two engine starts
+    rows = _usage(converging)
+    for field in ("requests", "prompt_tokens", "completion_tokens"):
+        assert rows["key-1"][field] >= earlier["key-1"][field]
+    assert rows["ci-job"]["completion_tokens"] == 8 * 4 * 480  # its 8 streams, whole, then it was revoked
+    assert _usage(converging, since="1s") != rows  # --since counts from then on
+    deployed = _deployed(converging)
+    engine_before = _engine_counts(deployed)
+    _client(deployed, deployed.key).completions.create(model="tiny-mistral", prompt="a", max_tokens=25)
+    after, grew = _settled(converging, deployed, rows, engine_before)
+    assert grew[1] == 25 and _delta(after, rows, "key-1", "completion_tokens") == 25
+    assert _delta(after, rows, "key-1", "prompt_tokens") == grew[0]
+

@@ -44,7 +44,7 @@ def top(
         if once:
             for feed in feeds:
                 feed.wait(2, timeout=60 + 3 * interval)
-            snapshot = _snapshot(deployment, feeds)
+            snapshot = _snapshot(deployment, feeds, lifetime=True)
             if json_out:
                 out.json(snapshot)
             else:
@@ -108,7 +108,8 @@ class _Feed:
         self._stop.set()
 
 
-def _snapshot(deployment: "Deployment", feeds: list[_Feed]) -> dict[str, Any]:
+def _snapshot(deployment: "Deployment", feeds: list[_Feed], *, lifetime: bool = False) -> dict[str, Any]:
+    """What the screen shows. lifetime: latency over the engine's life (one sample has no minute behind it)."""
     from mistral_deploy import observe
 
     views, lasts, deltas = [], [], []
@@ -119,11 +120,11 @@ def _snapshot(deployment: "Deployment", feeds: list[_Feed]) -> dict[str, Any]:
                 continue
             view = feed.series.view()
             lasts.append(feed.series.samples[-1])
-            deltas.append(_latency_deltas(feed.series))
+            deltas.append(_latency_deltas(feed.series, lifetime))
         if feed.error is not None:
             view["error"] = str(feed.error)
         views.append(view)
-    total = _total([v for v in views if "error" not in v or "running" in v], deltas)
+    total = _total([v for v in views if "error" not in v or "running" in v], deltas, lifetime)
     keys = observe.usage_report(deployment, lasts, 0.0)
     tokens = keys["prompt_tokens"] + keys["completion_tokens"]
     cost = observe.cost_figures(deployment, tokens, total.get("generated_tokens_per_s"))
@@ -134,15 +135,15 @@ def _snapshot(deployment: "Deployment", feeds: list[_Feed]) -> dict[str, Any]:
     return snapshot
 
 
-def _latency_deltas(series: "Series") -> dict[str, tuple[list[float], list[float]]]:
+def _latency_deltas(series: "Series", lifetime: bool) -> dict[str, tuple[list[float], list[float]]]:
     from mistral_deploy.observe import _histogram_delta
 
     last = series.samples[-1]["engine"]
-    oldest = series.samples[0]["engine"] if len(series.samples) > 1 else None
+    oldest = series.samples[0]["engine"] if len(series.samples) > 1 and not lifetime else None
     return {short: _histogram_delta(last[short], oldest[short] if oldest else None) for short in ("ttft", "itl")}
 
 
-def _total(views: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> dict[str, Any]:
+def _total(views: list[dict[str, Any]], deltas: list[dict[str, Any]], lifetime: bool) -> dict[str, Any]:
     from mistral_deploy.observe import quantile
     from mistral_deploy.usage import OUTCOMES
 
@@ -167,7 +168,7 @@ def _total(views: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> dict[st
         total[short] = {"p50": quantile(0.5, bounds, counts), "p95": quantile(0.95, bounds, counts),
                         "count": int(counts[-1]) if counts else 0}
     windows = [v["latency_window_s"] for v in views if v.get("latency_window_s")]
-    total["latency_window_s"] = max(windows) if windows else None
+    total["latency_window_s"] = None if lifetime or not windows else max(windows)  # None: the engine's life
     return total
 
 
@@ -198,7 +199,7 @@ def _screen(snapshot: dict[str, Any]) -> Any:
     grid.add_row("engine", f"running {total['running']:.0f}  waiting {total['waiting']:.0f}  "
                            f"KV cache {total['kv_cache'] * 100:.1f}%")
     window = total.get("latency_window_s")
-    label = f"latency {window:.0f}s" if window else "latency"
+    label = f"latency {window:.0f}s" if window else "latency (life)"
     ttft, itl = total["ttft"], total["itl"]
     grid.add_row(label, f"TTFT p50 {_ms(ttft['p50'])}  p95 {_ms(ttft['p95'])}   "
                         f"ITL p50 {_ms(itl['p50'])}  p95 {_ms(itl['p95'])}")

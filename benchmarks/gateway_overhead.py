@@ -11,6 +11,10 @@ limit on (`limits:` set high enough for one key and one address to hold 256 conn
   median over --streams requests each, interleaved, and the difference (aim: < 1 ms).
 With --guardrail the recipe has `guardrail: mistral`: the gateway rewrites each chat request's body
 (gateway.js) and the direct requests carry the same system prompt, so the difference is the rewrite's cost.
+With --usage-off the gateway is also measured with its usage counting off (the key id out of its access log,
+no X-Request-Id naming the key to the engine; nginx reloaded between rounds): "gateway" is then the
+product as shipped (counting on), "no-usage" the same gateway without it, side by side in every round.
+(The engine's side of the counting, its plugin, is measured by benchmarks/usage_cost.py.)
 The load generator is the same for both paths (keep-alive HTTP/1.1 on asyncio streams), and its own
 ceiling is printed: its rate against a server that answers without work (nginx `return 200`).
 Load generator and server share the machine's cores.
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -128,6 +134,33 @@ def first_chunk_seconds(client, url: str, headers: dict[str, str],  # type: igno
     return elapsed
 
 
+class _UsageSwitch:
+    """Turns the gateway's usage counting off and on again: its nginx.conf without the key id in the access
+    log and without the X-Request-Id that names the key to the engine, then as rendered; a reload each way."""
+
+    def __init__(self, deployed, store) -> None:  # type: ignore[no-untyped-def]
+        self.conf = store.dir(deployed.name) / "gateway" / "nginx.conf"
+        self.pid = int(deployed.details["gateway"]["pid"])
+        self.counting = self.conf.read_text()
+        plain = self.counting.replace(" key=$md_key_log", "")
+        plain = "\n".join(line for line in plain.splitlines() if "X-Request-Id mdk." not in line)
+        assert plain != self.counting and "X-Request-Id mdk." not in plain
+        self.plain = plain + "\n"
+
+    def _reload(self, text: str) -> None:
+        self.conf.write_text(text)
+        os.kill(self.pid, signal.SIGHUP)
+        time.sleep(1.5)  # the new workers start, the old ones finish
+
+    @contextlib.contextmanager
+    def off(self):  # type: ignore[no-untyped-def]
+        self._reload(self.plain)
+        try:
+            yield
+        finally:
+            self._reload(self.counting)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5)
@@ -135,6 +168,7 @@ def main() -> None:
     parser.add_argument("--connections", default="16,256", help="connection counts, comma-separated")
     parser.add_argument("--streams", type=int, default=30)
     parser.add_argument("--guardrail", action="store_true", help="the recipe's guardrail: mistral on")
+    parser.add_argument("--usage-off", action="store_true", help="also measure the gateway with usage counting off")
     args = parser.parse_args()
     import httpx
 
@@ -151,12 +185,17 @@ def main() -> None:
             auth = f"Bearer {key}"
             print(f"endpoint {gateway} (gateway, every limit on) and unix:{socket_path} (engine), "
                   f"{os.cpu_count()} cores shared with the load generator")
+            usage = _UsageSwitch(deployed, _store) if args.usage_off else None
             hammer(tcp(gateway_port), "/v1/models", auth, 2, 16)  # warm-up
             for connections in (int(c) for c in args.connections.split(",")):
-                rates: dict[str, list[float]] = {"gateway": [], "direct": [], "ceiling": []}
+                rates: dict[str, list[float]] = {"gateway": [], "direct": [], "ceiling": [], "no-usage": []}
                 for _ in range(args.rounds):
                     rates["gateway"].append(hammer(tcp(gateway_port), "/v1/models", auth, args.seconds, connections))
                     rates["direct"].append(hammer(unix(socket_path), "/v1/models", "", args.seconds, connections))
+                    if usage:
+                        with usage.off():
+                            rates["no-usage"].append(hammer(tcp(gateway_port), "/v1/models", auth, args.seconds,
+                                                            connections))
                 rates["ceiling"].append(hammer(tcp(ceiling_port), "/", "", args.seconds, connections))
                 g, d = statistics.median(rates["gateway"]), statistics.median(rates["direct"])
                 print(f"GET /v1/models, {connections} connections, {args.rounds} alternating rounds of "
@@ -164,24 +203,34 @@ def main() -> None:
                 print(f"  direct   {d:9.0f} req/s  {[round(r) for r in rates['direct']]}")
                 print(f"  gateway  {g:9.0f} req/s  {[round(r) for r in rates['gateway']]}")
                 print(f"  ratio    {g / d:9.3f}  (aim >= 0.97)")
+                if usage:
+                    n = statistics.median(rates["no-usage"])
+                    print(f"  no-usage {n:9.0f} req/s  {[round(r) for r in rates['no-usage']]}  (usage counting off)")
+                    print(f"  ratio    {n / d:9.3f}  without usage counting; with it / without: {g / n:.3f}")
                 print(f"  load generator ceiling {rates['ceiling'][0]:9.0f} req/s (nginx answering without work)")
 
-            firsts: dict[str, list[float]] = {"gateway": [], "direct": []}
+            firsts: dict[str, list[float]] = {"gateway": [], "direct": [], "no-usage": []}
+            modes = [("gateway", False), ("no-usage", True)] if usage else [("gateway", False)]
             with httpx.Client(timeout=60, trust_env=False) as via_gateway, \
                     httpx.Client(timeout=60, transport=httpx.HTTPTransport(uds=socket_path)) as direct:
-                for i in range(args.streams + 2):
-                    for name, client, base, headers, own_system in (
-                            ("gateway", via_gateway, gateway, {"Authorization": auth}, ""),
-                            ("direct", direct, "http://engine", {}, system)):
-                        value = first_chunk_seconds(client, base + "/v1/chat/completions", headers, own_system)
-                        if i >= 2:  # the first two are warm-up
-                            firsts[name].append(value)
+                for mode, counting_off in modes:
+                    with (usage.off() if counting_off else contextlib.nullcontext()):
+                        for i in range(args.streams + 2):
+                            for name, client, base, headers, own_system in (
+                                    (mode, via_gateway, gateway, {"Authorization": auth}, ""),
+                                    ("direct", direct, "http://engine", {}, system)):
+                                value = first_chunk_seconds(client, base + "/v1/chat/completions", headers, own_system)
+                                if i >= 2:  # the first two are warm-up
+                                    firsts[name].append(value)
             mg, md = statistics.median(firsts["gateway"]), statistics.median(firsts["direct"])
             what = " (guardrail on: the gateway rewrites each body)" if args.guardrail else ""
             print(f"first streamed chunk, median of {args.streams} interleaved requests each{what}:")
             print(f"  direct   {md * 1000:7.2f} ms")
             print(f"  gateway  {mg * 1000:7.2f} ms")
             print(f"  added    {(mg - md) * 1000:7.2f} ms  (aim < 1 ms)")
+            if usage:
+                mn = statistics.median(firsts["no-usage"])
+                print(f"  no-usage {mn * 1000:7.2f} ms  (usage counting off); counting adds {(mg - mn) * 1000:.2f} ms")
     finally:
         ceiling.terminate()
         ceiling.wait(timeout=10)

@@ -36,6 +36,8 @@ def status(
         except MistralDeployError as exc:
             rows.append({"name": deployment.name, "backend": deployment.backend, "phase": deployment.phase,
                          "healthy": False, "endpoint": deployment.endpoint, "ip": None, "error": exc.message})
+    if name and not ip:
+        _add_token_cost(deployments[0], rows[0], store)
     if ip:
         if not rows[0].get("ip"):
             raise MistralDeployError(f"{rows[0]['name']} has no IP address yet (phase {rows[0]['phase']})")
@@ -73,6 +75,8 @@ def status(
         elif row["backend"] == "cloud":
             ends = "never"  # no TTL: it runs, and costs, until `down`
         cost = f"${row['cost_so_far']:.2f}" if row.get("cost_so_far") is not None else "-"
+        if row.get("usd_per_mtok") is not None:
+            cost += f" (${row['usd_per_mtok']:.2f}/Mtok)"
         table.add_row(row["name"], row["backend"], row["phase"], "yes" if row["healthy"] else "no",
                       row.get("endpoint") or "-", row.get("ip") or "-", ends, cost)
     out.print(table)
@@ -85,3 +89,21 @@ def status(
             out.warn(escape(f"{row['name']}: {row['warning']}"))
     if controller is not None:
         out.info(escape(controller.line()))
+
+
+def _add_token_cost(deployment: Any, row: dict[str, Any], store: Any) -> None:
+    """For one priced, running deployment: the tokens it served so far and what a million cost (its usage
+    records, read where it runs). Left out, not an error, when the records cannot be read now."""
+    if row.get("phase") != "ready" or not row.get("hourly_price"):
+        return
+    from mistral_deploy import observe
+    from mistral_deploy.errors import MistralDeployError
+
+    try:
+        samples = [source.sample(deployment.created_at) for source in observe.sources(deployment, store)]
+    except MistralDeployError:
+        return
+    report = observe.usage_report(deployment, samples, deployment.created_at)
+    row["tokens_so_far"] = report["prompt_tokens"] + report["completion_tokens"]
+    row["usd_per_mtok"] = report["usd_per_mtok"]
+

@@ -49,14 +49,17 @@ def _key(request_id):
 
 def _update_from_output(self, output, engine_core_timestamp, is_prefilling, *args, **kwargs):
     _original_update(self, output, engine_core_timestamp, is_prefilling, *args, **kwargs)
-    # exactly what vLLM adds to its own counters for this output (see IterationStats.update_from_output)
-    prompt = output.prefill_stats.num_prompt_tokens if is_prefilling and output.prefill_stats is not None else 0
-    generated = len(output.new_token_ids)
-    if prompt or generated:
-        per_key = self.__dict__.setdefault("_md_usage", {})
-        counts = per_key.setdefault(_key(output.request_id), [0, 0])
-        counts[0] += prompt
-        counts[1] += generated
+    # exactly what vLLM adds to its own counters for this output (see IterationStats.update_from_output),
+    # per request id here (the hot path: one dict update); record() sums them per key
+    try:
+        generated = self._md_generated
+    except AttributeError:
+        generated = self._md_generated = {}
+        self._md_prompt = {}
+    request_id = output.request_id
+    generated[request_id] = generated.get(request_id, 0) + len(output.new_token_ids)
+    if is_prefilling and output.prefill_stats is not None:
+        self._md_prompt[request_id] = self._md_prompt.get(request_id, 0) + output.prefill_stats.num_prompt_tokens
 
 
 _stats.IterationStats.update_from_output = _update_from_output
@@ -124,14 +127,24 @@ class UsagePerKey(StatLoggerBase):
                 atexit.register(flush)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-        per_key = getattr(iteration_stats, "_md_usage", None) if iteration_stats is not None else None
-        if not per_key:
+        generated = getattr(iteration_stats, "_md_generated", None) if iteration_stats is not None else None
+        if not generated:
             return
+        prompt = iteration_stats._md_prompt
+        per_key = {}
+        for request_id, tokens in generated.items():
+            key = _key(request_id)
+            counts = per_key.get(key)
+            if counts is None:
+                counts = per_key[key] = [0, 0]
+            counts[1] += tokens
+        for request_id, tokens in prompt.items():
+            per_key.setdefault(_key(request_id), [0, 0])[0] += tokens
         with _lock:
-            for key, (prompt, generated) in per_key.items():
+            for key, (p, g) in per_key.items():
                 counts = _pending.setdefault(key, [0, 0])
-                counts[0] += prompt
-                counts[1] += generated
+                counts[0] += p
+                counts[1] += g
 
     def log_engine_initialized(self):
         pass

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import ssl
 import threading
 import time
@@ -19,7 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from local_support import Deployed, cli, cli_env, down_and_assert_gone, free_port, read_deployed
+from local_support import CLI, Deployed, assert_gone, cli, cli_env, down_and_assert_gone, free_port, read_deployed
+from mistral_deploy.skysdk import port_open
 from mistral_deploy.recipe import builtin_recipes_dir
 
 pytestmark = pytest.mark.engine
@@ -275,6 +277,23 @@ def test_usage_per_key_counts_exactly_what_the_engine_counted(converging):
     assert float(series['mistral_deploy_completion_tokens_total{key="key-1"}']) == rows["key-1"]["completion_tokens"]
     assert float(series['mistral_deploy_requests_total{key="-",outcome="401/403"}']) >= 1
     assert any(name.startswith("vllm:generation_tokens_total{") for name in series)
+
+    # for Prometheus: the same text on 127.0.0.1 of this machine, read anew at each scrape, until stopped
+    port = free_port()
+    exporter = subprocess.Popen([CLI, "metrics", NAME, "--serve", str(port)], env=converging["env"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", port) and exporter.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False, timeout=30)
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+        assert 'mistral_deploy_completion_tokens_total{key="key-1"}' in scraped.text
+        assert httpx.get(f"http://127.0.0.1:{port}/", trust_env=False).status_code == 404
+    finally:
+        exporter.send_signal(signal.SIGINT)
+        assert exporter.wait(timeout=30) == 0
+    assert_gone([exporter.pid], [port])
 
     top = cli("top", NAME, "--once", "--json", "--interval", "0.5", env=converging["env"])
     assert top.returncode == 0, top.stderr

@@ -132,6 +132,8 @@ def _snapshot(deployment: "Deployment", feeds: list[_Feed], *, lifetime: bool = 
                 "t": time.time(), "total": total, "keys": keys["keys"], "cost": cost}
     if deployment.backend == "serve":
         snapshot["replicas"] = views
+    elif views and views[0].get("error"):
+        snapshot["source"] = {"label": views[0]["label"], "error": views[0]["error"]}
     return snapshot
 
 
@@ -205,6 +207,9 @@ def _screen(snapshot: dict[str, Any]) -> Any:
                         f"ITL p50 {_ms(itl['p50'])}  p95 {_ms(itl['p95'])}")
     grid.add_row("cost", cost_line(snapshot["cost"]))
     parts: list[Any] = [head, grid]
+    for view in snapshot.get("replicas") or [snapshot.get("source") or {}]:
+        if view.get("error"):
+            parts.append(Text(f"{view.get('label', '')}: {view['error']}"[:240], style="red"))
     if snapshot.get("replicas"):
         replicas = Table(box=None, pad_edge=False, header_style="dim")
         for column in ("REPLICA", "REQ/S", "GEN TOK/S", "RUN", "WAIT", "KV", "TTFT P95"):

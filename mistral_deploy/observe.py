@@ -61,12 +61,16 @@ class LocalSource:
 class RemoteSource:
     """A cluster's head (a VM, or a service's replica): usage.py runs in its engine container, over SSH."""
 
-    def __init__(self, cluster: str, label: str) -> None:
+    def __init__(self, cluster: str, label: str, *, replica: bool = False) -> None:
         from mistral_deploy.render import VM_ENGINE_SOCKET
 
         self.cluster = cluster
         self.label = label
+        self.replica = replica
         self.paths = (f"{VM_USAGE_DIR}/access.log", f"{VM_USAGE_DIR}/engine.jsonl", VM_ENGINE_SOCKET)
+
+    def _where(self) -> dict[str, bool]:
+        return {"replica": True} if self.replica else {}
 
     def _script(self, *args: str) -> str:
         quoted = " ".join(args)  # modes, paths and numbers: nothing to quote
@@ -78,10 +82,10 @@ class RemoteSource:
         from mistral_deploy.skysdk import get_sdk
 
         try:
-            return get_sdk().run_on_head(self.cluster, self._script(*args), timeout=120)
+            return get_sdk().run_on_head(self.cluster, self._script(*args), timeout=120, **self._where())
         except CloudError as exc:
             raise CloudError(f"{self.label}: cannot read the endpoint's records: {exc.message}",
-                             hint="is it up? (`mistral-deploy status`)") from None
+                             hint=exc.hint or "is it up? (`mistral-deploy status`)") from None
 
     def sample(self, since: float = 0.0) -> dict[str, Any]:
         out = self._run("sample", *self.paths, repr(float(since)))
@@ -93,7 +97,8 @@ class RemoteSource:
     def follow(self, every: float, stop: threading.Event) -> Iterator[dict[str, Any]]:
         from mistral_deploy.skysdk import get_sdk
 
-        proc = get_sdk().stream_on_head(self.cluster, self._script("follow", *self.paths, repr(float(every))))
+        proc = get_sdk().stream_on_head(self.cluster, self._script("follow", *self.paths, repr(float(every))),
+                                        **self._where())
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -140,7 +145,7 @@ def sources(deployment: "Deployment", store: "StateStore") -> list[Any]:
     if not replicas:
         raise MistralDeployError(f"{deployment.name}: no replica is ready to read",
                                  hint=f"`mistral-deploy status {deployment.name}`")
-    return [RemoteSource(r.cluster, f"replica {r.replica_id}") for r in replicas]
+    return [RemoteSource(r.cluster, f"replica {r.replica_id}", replica=True) for r in replicas]
 
 
 # ------------------------------------------------------------------------------------------ arithmetic

@@ -555,6 +555,37 @@ class SkySdk:
             raise CloudError(f"SkyPilot wrote no SSH access for {cluster_name!r}: is it up? (`sky status`)")
         return path
 
+    def _replica_command(self, cluster_name: str) -> list[str]:
+        """The command that runs `bash -s` (its script on standard input) on a SkyServe replica's head.
+
+        SkyPilot leaves a service's clusters out of `sky status`, of the SSH access it writes, and of its API
+        server's SSH proxy (they are its controller's). With the controller in consolidation mode and the API
+        server on this machine, they are in this machine's SkyPilot state: their handle gives SkyPilot's own
+        command runner, as the controller uses it (SSH; on Slurm, SSH to the login node and `srun --overlap`
+        into the replica's allocation). Elsewhere (a controller VM, a remote API server) a replica is not
+        reachable from here."""
+        if self.api_server_host() is not None or not self.serve_consolidation_mode():
+            raise CloudError(f"{cluster_name}: SkyPilot gives no access to a service's replicas from here (they are "
+                             "its controller's clusters)", hint="per-replica views need SkyServe's consolidation mode "
+                             "(serve.controller.consolidation_mode: true) with the API server on this machine")
+        from sky import global_user_state
+        from sky.utils import command_runner
+
+        with translate_errors("replica access"):
+            handle = global_user_state.get_handle_from_cluster_name(cluster_name)
+            if handle is None:
+                raise CloudError(f"the replica cluster {cluster_name!r} is not in SkyPilot's state here")
+            head = handle.get_command_runners()[0]
+            argv = head.ssh_base_command(ssh_mode=command_runner.SshMode.NON_INTERACTIVE, port_forward=None,
+                                         connect_timeout=20)
+        if isinstance(head, command_runner.SlurmCommandRunner):
+            if getattr(head, "slurm_user", None):
+                raise CloudError(f"{cluster_name}: a Slurm allocation of another user ({head.slurm_user}) is not "
+                                 "reached from here")
+            return argv + ["srun", "--unbuffered", "--quiet", "--overlap", f"--jobid={head.job_id}",
+                           f"--nodelist={head.slurm_node}", "--nodes=1", "--ntasks=1", "bash", "-s"]
+        return argv + ["bash -s"]
+
     def _ssh_base(self, cluster_name: str) -> list[str]:
         ssh = shutil.which("ssh")
         if not ssh:
@@ -595,10 +626,12 @@ class SkySdk:
         if done.returncode != 0:
             raise CloudError(f"ssh {host}: cannot write {path}: {first_line(done.stderr) or done.returncode}")
 
-    def run_on_head(self, cluster_name: str, script: str, *, timeout: float = 300.0) -> str:
-        """Run a bash script on the head node through SkyPilot's SSH access; its output. The script
-        travels on ssh's standard input, never in an argument. CloudError with its last line on failure."""
-        argv = self._ssh_base(cluster_name) + [cluster_name, "bash -s"]
+    def run_on_head(self, cluster_name: str, script: str, *, timeout: float = 300.0, replica: bool = False) -> str:
+        """Run a bash script on the head node through SkyPilot's SSH access (replica: a service replica's
+        cluster, see replica_ssh_config); its output. The script travels on ssh's standard input, never in an
+        argument. CloudError with its last line on failure."""
+        argv = (self._replica_command(cluster_name) if replica
+                else self._ssh_base(cluster_name) + [cluster_name, "bash -s"])
         try:
             done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -608,10 +641,11 @@ class SkySdk:
             raise CloudError(f"on {cluster_name}: {lines[-1] if lines else f'exit code {done.returncode}'}")
         return done.stdout
 
-    def stream_on_head(self, cluster_name: str, script: str) -> subprocess.Popen[str]:
+    def stream_on_head(self, cluster_name: str, script: str, *, replica: bool = False) -> subprocess.Popen[str]:
         """Start a bash script on the head node through SkyPilot's SSH access and return at once: the caller
         reads its output lines as they come, and terminates it. The script travels on ssh's standard input."""
-        argv = self._ssh_base(cluster_name) + ["-o", "ServerAliveInterval=15", cluster_name, "bash -s"]
+        argv = (self._replica_command(cluster_name) if replica
+                else self._ssh_base(cluster_name) + ["-o", "ServerAliveInterval=15", cluster_name, "bash -s"])
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, bufsize=1)
         assert proc.stdin is not None

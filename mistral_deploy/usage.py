@@ -217,7 +217,8 @@ def key_metrics(keys):
 
 def sample(records, engine_socket, with_text=False):
     text = engine_metrics_text(engine_socket)
-    result = {"t": time.time(), "engine": engine_numbers(text), "keys": records.update(), "first": records.first}
+    keys = {key: dict(entry) for key, entry in records.update().items()}  # a copy: the records count on
+    result = {"t": time.time(), "engine": engine_numbers(text), "keys": keys, "first": records.first}
     if with_text:
         result["metrics_text"] = text
     return result

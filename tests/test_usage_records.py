@@ -147,3 +147,17 @@ def test_bad_input_is_one_line_naming_the_flag_or_deployment(tmp_path, monkeypat
     result = run_cli(*argv)
     assert result.exit_code == code and says in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) <= 2  # the error, and at most a hint
+
+
+def test_each_sample_keeps_its_own_counts_so_that_rates_are_differences(tmp_path):
+    access, engine = tmp_path / "access.log", tmp_path / "engine.jsonl"
+    _access(access, ("2026-12-06T10:00:00+00:00", 200, "key-1"))
+    records = usage.Records(str(access), str(engine))
+    first = usage.sample(records, str(tmp_path / "none.sock"))
+    _access(access, ("2026-12-06T10:00:01+00:00", 200, "key-1"), ("2026-12-06T10:00:01+00:00", 429, "key-1"))
+    second = usage.sample(records, str(tmp_path / "none.sock"))
+    assert first["keys"]["key-1"]["2xx"] == 1 and second["keys"]["key-1"]["2xx"] == 2
+    series = observe.Series("local")
+    series.add(first)
+    series.add({**second, "t": first["t"] + 2.0})
+    assert series.view()["requests_per_s"] == {"2xx": 0.5, "401/403": 0.0, "429": 0.5, "4xx": 0.0, "5xx": 0.0}

@@ -234,10 +234,11 @@ def cost_figures(deployment: "Deployment", tokens: int, generated_per_s: Optiona
     return figures
 
 
-def cost_line(figures: dict[str, Any]) -> str:
+def cost_line(figures: dict[str, Any], backend: str = "local") -> str:
     price = figures.get("hourly_price")
     if not price:
-        return "no hourly price (a local endpoint costs only its machine)"
+        return ("no hourly price (a local endpoint costs only its machine)" if backend == "local"
+                else "no hourly price: SkyPilot's catalog has none for this infrastructure")
     parts = [f"${figures['cost_so_far']:.2f} so far at ${price:.2f}/hour"]
     if figures.get("usd_per_mtok_so_far") is not None:
         parts.append(f"${figures['usd_per_mtok_so_far']:.2f}/Mtok so far")

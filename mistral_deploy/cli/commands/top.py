@@ -205,7 +205,7 @@ def _screen(snapshot: dict[str, Any]) -> Any:
     ttft, itl = total["ttft"], total["itl"]
     grid.add_row(label, f"TTFT p50 {_ms(ttft['p50'])}  p95 {_ms(ttft['p95'])}   "
                         f"ITL p50 {_ms(itl['p50'])}  p95 {_ms(itl['p95'])}")
-    grid.add_row("cost", cost_line(snapshot["cost"]))
+    grid.add_row("cost", cost_line(snapshot["cost"], snapshot["backend"]))
     parts: list[Any] = [head, grid]
     for view in snapshot.get("replicas") or [snapshot.get("source") or {}]:
         if view.get("error"):

@@ -46,4 +46,6 @@ def usage(
         per = f", ${report['usd_per_mtok']:.2f}/Mtok" if report["usd_per_mtok"] is not None else ""
         out.print(f"{tokens:,} tokens for ${report['cost']:.2f} at ${report['hourly_price']:.2f}/hour{per}")
     else:
-        out.print(f"{tokens:,} tokens; no hourly price (a local endpoint costs only its machine)")
+        from mistral_deploy.observe import cost_line
+
+        out.print(f"{tokens:,} tokens; {cost_line({}, deployment.backend)}")

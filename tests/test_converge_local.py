@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -304,6 +305,36 @@ def test_usage_per_key_counts_exactly_what_the_engine_counted(converging):
     screen = cli("top", NAME, "--once", "--interval", "0.5", env={**converging["env"], "COLUMNS": "80"}).stdout
     assert "TTFT p50" in screen and "key-1" in screen and max(len(line) for line in screen.splitlines()) <= 80
     converging["usage"] = rows
+
+
+def test_top_refreshes_live_in_a_terminal_until_ctrl_c(converging):
+    import pty
+
+    main, terminal = pty.openpty()
+    env = {**converging["env"], "COLUMNS": "80", "LINES": "30", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    live = subprocess.Popen([CLI, "top", NAME, "--interval", "0.5"], env=env, stdin=terminal, stdout=terminal,
+                            stderr=terminal, close_fds=True)
+    os.close(terminal)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 30
+        # refreshed: the clock on its first line changes (a frame every half second)
+        while time.monotonic() < deadline and len(set(re.findall(rb"engine up 1/1  (\d\d:\d\d:\d\d)", screen))) < 3:
+            ready, _, _ = select.select([main], [], [], 1.0)
+            if ready:
+                try:
+                    screen += os.read(main, 65536)
+                except OSError:
+                    break
+        assert len(set(re.findall(rb"engine up 1/1  (\d\d:\d\d:\d\d)", screen))) >= 3, screen[-2000:]
+        assert b"requests/s" in screen and b"TTFT p50" in screen and b"key-1" in screen
+    finally:
+        live.send_signal(signal.SIGINT)
+        code = live.wait(timeout=30)
+        os.close(main)
+    assert code == 0
+    assert_gone([live.pid], [])
 
 
 def test_a_gateway_change_is_a_reload_that_finishes_every_stream_in_flight(converging):

@@ -41,7 +41,6 @@ class LocalSource:
         directory = store.dir(deployment.name)
         self.paths = (str(directory / "gateway" / "access.log"), str(directory / "usage" / "engine.jsonl"),
                       str(deployment.details.get("engine_socket") or ""))
-        self._records: Optional[usage.Records] = None
 
     def sample(self, since: float = 0.0) -> dict[str, Any]:
         return usage.sample(usage.Records(*self.paths[:2], since=since), self.paths[2])
@@ -194,7 +193,13 @@ class Series:
         while len(self.samples) > 2 and sample["t"] - self.samples[1]["t"] >= LATENCY_WINDOW_S:
             self.samples.popleft()
 
-    def view(self) -> dict[str, Any]:
+    def latency(self, lifetime: bool = False) -> dict[str, tuple[list[float], list[float]]]:
+        """TTFT and ITL bucket counts over the window (lifetime: since the engine started)."""
+        last = self.samples[-1]["engine"]
+        oldest = self.samples[0]["engine"] if len(self.samples) > 1 and not lifetime else None
+        return {short: _histogram_delta(last[short], oldest[short] if oldest else None) for short in ("ttft", "itl")}
+
+    def view(self, lifetime: bool = False) -> dict[str, Any]:
         last = self.samples[-1]
         engine = last["engine"]
         row: dict[str, Any] = {"label": self.label, "engine_up": engine["reachable"],
@@ -209,9 +214,8 @@ class Series:
             pe = previous["engine"]
             row["prompt_tokens_per_s"] = max(0.0, engine["prompt_tokens"] - pe["prompt_tokens"]) / dt
             row["generated_tokens_per_s"] = max(0.0, engine["generation_tokens"] - pe["generation_tokens"]) / dt
-        oldest = self.samples[0] if len(self.samples) > 1 else None
-        for short in ("ttft", "itl"):
-            bounds, counts = _histogram_delta(engine[short], oldest["engine"][short] if oldest else None)
+        oldest = self.samples[0] if len(self.samples) > 1 and not lifetime else None
+        for short, (bounds, counts) in self.latency(lifetime).items():
             row[short] = {"p50": quantile(0.5, bounds, counts), "p95": quantile(0.95, bounds, counts),
                           "count": int(counts[-1]) if counts else 0}
         row["latency_window_s"] = round(last["t"] - oldest["t"], 1) if oldest else None

@@ -118,9 +118,9 @@ def _snapshot(deployment: "Deployment", feeds: list[_Feed], *, lifetime: bool = 
             if not feed.series.samples:
                 views.append({"label": feed.source.label, "error": str(feed.error or "no sample yet")})
                 continue
-            view = feed.series.view()
+            view = feed.series.view(lifetime)
             lasts.append(feed.series.samples[-1])
-            deltas.append(_latency_deltas(feed.series, lifetime))
+            deltas.append(feed.series.latency(lifetime))
         if feed.error is not None:
             view["error"] = str(feed.error)
         views.append(view)
@@ -135,14 +135,6 @@ def _snapshot(deployment: "Deployment", feeds: list[_Feed], *, lifetime: bool = 
     elif views and views[0].get("error"):
         snapshot["source"] = {"label": views[0]["label"], "error": views[0]["error"]}
     return snapshot
-
-
-def _latency_deltas(series: "Series", lifetime: bool) -> dict[str, tuple[list[float], list[float]]]:
-    from mistral_deploy.observe import _histogram_delta
-
-    last = series.samples[-1]["engine"]
-    oldest = series.samples[0]["engine"] if len(series.samples) > 1 and not lifetime else None
-    return {short: _histogram_delta(last[short], oldest[short] if oldest else None) for short in ("ttft", "itl")}
 
 
 def _total(views: list[dict[str, Any]], deltas: list[dict[str, Any]], lifetime: bool) -> dict[str, Any]:
